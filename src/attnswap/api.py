@@ -1,0 +1,209 @@
+"""patch / unpatch / patched / stats: thin orchestration of discovery, surgery and routing."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Iterator, Sequence
+
+import torch
+
+from .backends import registry
+from .errors import AttnSwapError, BackendUnavailable, PatchError
+from .report import MANUAL, NOT_ROUTABLE, PATCHED, Fallback, ModelStats, PatchReport, SiteReport, SiteStats
+from .routing import ROUTER_ATTR, Policy, Router
+from .surgery.discover import Selector, candidates, class_label
+from .surgery.reroute import analyze, original_class
+from .surgery.swap import check_installable, install, router_of, uninstall
+
+logger = logging.getLogger("attnswap")
+
+DEFAULT_FALLBACK = ("sdpa",)
+_surgery_lock = threading.RLock()
+_MANUAL_NOTE = "computes softmax attention by hand; only SDPA calls are routed in this version"
+
+
+def _check_model(model: object) -> torch.nn.Module:
+    if not isinstance(model, torch.nn.Module):
+        raise AttnSwapError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _policy(backend: str, fallback: str | Sequence[str] | None, strict: bool) -> tuple[Policy, str]:
+    name = registry.resolve_name(backend)
+    if fallback is None:
+        chain = tuple(n for n in DEFAULT_FALLBACK if n != name)
+    else:
+        if isinstance(fallback, str):
+            fallback = [fallback]
+        chain = tuple(dict.fromkeys(registry.resolve_name(n) for n in fallback if registry.resolve_name(n) != name))
+    unavailable = registry.get_backend(name).unavailable_reason or ""
+    if unavailable and strict:
+        raise BackendUnavailable(name, unavailable + _install_hint(name))
+    return Policy(name, chain, bool(strict)), unavailable
+
+
+def _install_hint(name: str) -> str:
+    hint = registry.get_backend(name).install_hint
+    return f" ({hint})" if hint else ""
+
+
+def patch(
+    model: torch.nn.Module,
+    backend: str = "sdpa",
+    *,
+    fallback: str | Sequence[str] | None = None,
+    strict: bool = False,
+    include: Selector | Sequence[Selector] | None = None,
+    exclude: Selector | Sequence[Selector] | None = None,
+) -> PatchReport:
+    """Route every attention computation of ``model`` through ``backend``, in place.
+
+    Each module that calls ``scaled_dot_product_attention`` gets a router; its own code keeps
+    running (projections, norms, rope, biases) and only the attention call moves. Parameters,
+    buffers and ``state_dict`` are untouched. Patching a patched model switches its backend.
+
+    Args:
+        model: any ``torch.nn.Module`` (timm models above all).
+        backend: a name from :func:`list_backends`, e.g. ``"sdpa"``, ``"flex"``, ``"sdpa_math"``.
+        fallback: backends to try, in order, for a call ``backend`` cannot take (bias on a
+            kernel without bias, dropout on flex, ...). Default: ``("sdpa",)``. Every fallback
+            is counted in :func:`stats` with its reasons.
+        strict: raise :class:`UnsupportedCall` (with every reason) instead of falling back;
+            also raise :class:`BackendUnavailable` now if ``backend`` cannot run here, and
+            :class:`PatchError` if a selected attention module cannot be routed.
+        include: only sites whose module path or class matches one of these globs or classes.
+        exclude: skip sites whose module path or class matches one of these.
+
+    Returns:
+        A :class:`PatchReport` listing every site, what was done and what could not be.
+
+    Raises:
+        AttnSwapError: unknown backend name (the message lists valid names and the closest one).
+            The model is left untouched on every error.
+
+    Example::
+
+        model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+        report = attnswap.patch(model, backend="flex")
+        print(report)
+    """
+    _check_model(model)
+    policy, unavailable = _policy(backend, fallback, strict)
+    with _surgery_lock:
+        found = list(candidates(model, include, exclude))
+        plan: list[tuple] = []
+        sites: list[SiteReport] = []
+        for c in found:
+            label = class_label(c.cls)
+            if c.rewrite is None:
+                sites.append(SiteReport(c.path, label, MANUAL, reason=_MANUAL_NOTE))
+                continue
+            problem = c.rewrite.problem or check_installable(c.module, c.rewrite)
+            if problem:
+                sites.append(SiteReport(c.path, label, NOT_ROUTABLE, reason=problem))
+                continue
+            plan.append(c)
+        blocked = [s for s in sites if s.status == NOT_ROUTABLE]
+        if strict and blocked:
+            raise PatchError(
+                "strict=True and these attention modules cannot be routed (nothing was patched):\n"
+                + "\n".join(f"  {s.name} ({s.cls}): {s.reason}" for s in blocked)
+            )
+        for c in plan:
+            router = Router(policy, site=c.path, site_class=class_label(c.cls))
+            install(c.module, c.rewrite, router)
+            flags = tuple(router.saved_flags)
+            sites.append(SiteReport(c.path, class_label(c.cls), PATCHED, c.rewrite.calls, flags))
+    order = {c.path: i for i, c in enumerate(found)}
+    sites.sort(key=lambda s: order.get(s.path, 0))
+    if unavailable and plan:
+        logger.warning(
+            "attnswap: backend %r is unavailable (%s); every call will use the fallback %s",
+            policy.backend, unavailable, policy.fallback,
+        )
+    return PatchReport(policy.backend, policy.fallback, policy.strict, tuple(sites), unavailable)
+
+
+def unpatch(model: torch.nn.Module) -> int:
+    """Restore every patched module of ``model`` exactly (class, flags, attributes); returns how many.
+
+    A no-op (returning 0) on a model that is not patched.
+    """
+    _check_model(model)
+    with _surgery_lock:
+        restored = 0
+        for module in model.modules():
+            if ROUTER_ATTR in module.__dict__:
+                uninstall(module)
+                restored += 1
+    return restored
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    """True when at least one module of ``model`` is routed by attnswap."""
+    _check_model(model)
+    return any(ROUTER_ATTR in m.__dict__ for m in model.modules())
+
+
+@contextlib.contextmanager
+def patched(
+    model: torch.nn.Module,
+    backend: str = "sdpa",
+    **options,
+) -> Iterator[PatchReport]:
+    """Patch ``model`` for the duration of a ``with`` block (same options as :func:`patch`).
+
+    On exit, also when the body raises, the model is exactly as it was on entry, including
+    an earlier patch with another backend (its routers and their counts come back).
+    Contexts nest.
+
+    Example::
+
+        with attnswap.patched(model, backend="sdpa_math") as report:
+            out = model(x)
+    """
+    _check_model(model)
+    with _surgery_lock:
+        before = [(m, m.__dict__.get(ROUTER_ATTR)) for m in model.modules()]
+    try:
+        yield patch(model, backend, **options)
+    finally:
+        with _surgery_lock:
+            for m in model.modules():
+                if ROUTER_ATTR in m.__dict__:
+                    uninstall(m)
+            for m, router in before:
+                if router is not None:
+                    rewrite = analyze(original_class(m))
+                    install(m, rewrite, router)
+
+
+def stats(model: torch.nn.Module, *, reset: bool = False) -> ModelStats:
+    """Per patched site: calls served by each backend, fallbacks with their reasons.
+
+    Calls made inside a ``torch.compile``\\ d graph are not counted one by one (the graph has
+    no counters); the backend chosen while tracing is listed under ``traced``.
+    ``reset=True`` zeroes the counts after reading them.
+    """
+    _check_model(model)
+    out = ModelStats()
+    for path, module in model.named_modules():
+        router = router_of(module)
+        if router is None:
+            continue
+        calls: dict[str, int] = {}
+        traced: dict[str, int] = {}
+        fallbacks = []
+        for t in router.tallies():
+            if t.calls:
+                calls[t.backend] = calls.get(t.backend, 0) + t.calls
+            if t.traced:
+                traced[t.backend] = traced.get(t.backend, 0) + t.traced
+            if t.is_fallback and t.calls:
+                fallbacks.append(Fallback(t.backend, {name: tuple(r) for name, r in t.tried}, t.calls))
+        out.append(SiteStats(path, router.site_class, router.policy.backend, calls, tuple(fallbacks), traced))
+        if reset:
+            router.reset_stats()
+    return out

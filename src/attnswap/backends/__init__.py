@@ -1,0 +1,45 @@
+"""Attention backends: one signature (SDPA's), each declaring what it supports."""
+
+from __future__ import annotations
+
+from .base import Backend, FunctionBackend, Limits, limit_reasons
+from .eager import EagerBackend, eager_attention
+from .flex import FlexBackend
+from .registry import (
+    ALIASES,
+    BackendInfo,
+    get_backend,
+    list_backends,
+    register_backend,
+    resolve_name,
+    unregister_backend,
+)
+from .registry import _add as _register_builtin
+from .sdpa import SdpaBackend, SdpaCudnnBackend, SdpaEfficientBackend, SdpaFlashBackend, SdpaMathBackend
+
+for _backend in (
+    SdpaBackend(),
+    SdpaFlashBackend(),
+    SdpaEfficientBackend(),
+    SdpaCudnnBackend(),
+    SdpaMathBackend(),
+    FlexBackend(),
+    EagerBackend(),
+):
+    _register_builtin(_backend, builtin=True)
+del _backend
+
+__all__ = [
+    "ALIASES",
+    "Backend",
+    "BackendInfo",
+    "FunctionBackend",
+    "Limits",
+    "eager_attention",
+    "get_backend",
+    "limit_reasons",
+    "list_backends",
+    "register_backend",
+    "resolve_name",
+    "unregister_backend",
+]

@@ -1,0 +1,256 @@
+"""What every backend is: SDPA's signature plus its declared limits.
+
+A backend declares, as data (:class:`Limits`, per device type), what it can take; the
+router asks :meth:`Backend.reasons` for every reason it cannot serve one call and never
+calls it with anything outside those limits.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..call import MASK_ADDITIVE, MASK_BOOL, CallFacts
+
+AttentionFn = Callable[..., torch.Tensor]
+SupportsFn = Callable[[CallFacts], Sequence[str]]
+
+_DTYPE_NAMES = {
+    torch.float64: "float64",
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", "")) if dtype is not None else "none"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a backend accepts on one device type. The defaults accept everything SDPA does.
+
+    ``ndims`` are the input ranks the kernel takes natively; when 4 is among them the router
+    reshapes other ranks to 4-D (a view where possible) instead of refusing.
+    """
+
+    devices: frozenset[str] | None = None
+    dtypes: frozenset[torch.dtype] | None = None
+    ndims: frozenset[int] | None = None
+    max_head_dim: int | None = None
+    head_dim_multiple: int = 1
+    v_head_dim_differs: bool = True
+    additive_mask: bool = True
+    bool_mask: bool = True
+    mask_grad: bool = True
+    mask_ndims: frozenset[int] | None = None
+    mask_dtype_matches_query: bool = False
+    causal: bool = True
+    causal_unequal_lengths: bool = True
+    unequal_lengths: bool = True
+    gqa: bool = True
+    kv_head_broadcast: bool = True
+    kv_batch_broadcast: bool = True
+    dropout: bool = True
+    custom_scale: bool = True
+    backward: bool = True
+    min_cuda_capability: tuple[int, int] | None = None
+    max_cuda_capability: tuple[int, int] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """Only the fields that differ from "accepts everything", for tables and JSON."""
+        default = Limits()
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value != getattr(default, f.name):
+                if isinstance(value, frozenset):
+                    value = sorted(dtype_name(v) if isinstance(v, torch.dtype) else v for v in value)
+                out[f.name] = value
+        return out
+
+
+def limit_reasons(limits: Limits, facts: CallFacts, capability: tuple[int, int] | None = None) -> list[str]:
+    """Every reason ``facts`` falls outside ``limits`` (empty: the call is inside them)."""
+    r: list[str] = []
+    if limits.devices is not None and facts.device_type not in limits.devices:
+        r.append(f"device {facts.device_type} (supported: {', '.join(sorted(limits.devices))})")
+    if limits.dtypes is not None and facts.dtype not in limits.dtypes:
+        r.append(f"dtype {dtype_name(facts.dtype)} (supported: {', '.join(sorted(dtype_name(d) for d in limits.dtypes))})")
+    if capability is not None:
+        if limits.min_cuda_capability is not None and capability < limits.min_cuda_capability:
+            r.append(
+                "requires a GPU with compute capability >= %d.%d, this one has %d.%d"
+                % (*limits.min_cuda_capability, *capability)
+            )
+        if limits.max_cuda_capability is not None and capability > limits.max_cuda_capability:
+            r.append(
+                "requires a GPU with compute capability <= %d.%d, this one has %d.%d"
+                % (*limits.max_cuda_capability, *capability)
+            )
+    if limits.ndims is not None and facts.ndim not in limits.ndims:
+        r.append(f"{facts.ndim}-D inputs (supported: {', '.join(f'{n}-D' for n in sorted(limits.ndims))})")
+    e, ev = facts.head_dim, facts.v_head_dim
+    if limits.max_head_dim is not None:
+        for label, d in (("head_dim", e), ("value head_dim", ev)):
+            if d > limits.max_head_dim:
+                r.append(f"{label} {d} > {limits.max_head_dim}")
+    if limits.head_dim_multiple > 1:
+        for label, d in (("head_dim", e), ("value head_dim", ev)):
+            if d % limits.head_dim_multiple:
+                r.append(f"{label} {d} is not a multiple of {limits.head_dim_multiple}")
+    if not limits.v_head_dim_differs and ev != e:
+        r.append(f"value head_dim {ev} differs from query/key head_dim {e}")
+    if facts.mask_kind == MASK_ADDITIVE and not limits.additive_mask:
+        r.append("additive attn_mask (bias) not supported")
+    if facts.mask_kind == MASK_BOOL and not limits.bool_mask:
+        r.append("boolean attn_mask not supported")
+    if facts.has_mask:
+        if facts.mask_requires_grad and facts.needs_grad and not limits.mask_grad:
+            r.append("attn_mask requires grad (no gradient for the mask)")
+        if limits.mask_ndims is not None and facts.mask_shape is not None and len(facts.mask_shape) not in limits.mask_ndims:
+            r.append(
+                f"{len(facts.mask_shape)}-D attn_mask (supported: {', '.join(f'{n}-D' for n in sorted(limits.mask_ndims))})"
+            )
+        if limits.mask_dtype_matches_query and facts.mask_kind == MASK_ADDITIVE and facts.mask_dtype != facts.dtype:
+            r.append(
+                f"additive attn_mask dtype {dtype_name(facts.mask_dtype)} differs from query dtype {dtype_name(facts.dtype)}"
+            )
+    if facts.is_causal:
+        if not limits.causal:
+            r.append("is_causal not supported")
+        elif facts.q_len != facts.kv_len and not limits.causal_unequal_lengths:
+            r.append(f"is_causal with q_len {facts.q_len} != kv_len {facts.kv_len} (top-left causal not supported)")
+    if facts.q_len != facts.kv_len and not limits.unequal_lengths:
+        r.append(f"q_len {facts.q_len} != kv_len {facts.kv_len}")
+    if facts.grouped_heads:
+        if facts.enable_gqa and not limits.gqa:
+            r.append(f"grouped-query attention ({facts.q_heads} query heads, {facts.kv_heads} key/value heads)")
+        elif not facts.enable_gqa and not limits.kv_head_broadcast:
+            r.append(f"key/value head dim of size {facts.kv_heads} broadcast over {facts.q_heads} query heads")
+    if facts.ndim >= 4 and facts.kv_batch_broadcast and not limits.kv_batch_broadcast:
+        r.append("query and key/value batch dims differ (broadcasting)")
+    if facts.dropout_p > 0 and not limits.dropout:
+        r.append(f"dropout_p={facts.dropout_p} (no dropout support)")
+    if facts.scale is not None and not limits.custom_scale:
+        r.append(f"custom scale {facts.scale:g} not supported")
+    if facts.needs_grad and not limits.backward:
+        r.append("needs backward (this backend is forward-only here)")
+    return r
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_capability(index: int | None) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))  # type: ignore[return-value]
+
+
+class Backend:
+    """Base class of every backend. Subclasses set the class attributes and ``__call__``.
+
+    ``__call__`` has exactly ``torch.nn.functional.scaled_dot_product_attention``'s signature
+    and semantics (``is_causal`` is top-left aligned, like SDPA's).
+    """
+
+    name: str = ""
+    description: str = ""
+    install_hint: str = ""
+    #: False for approximate kernels (8-bit); the router never falls back *to* them.
+    exact: bool = True
+    #: True when every call is accepted on every device (the router then skips the per-call checks).
+    accepts_everything: bool = False
+
+    def limits(self, device_type: str) -> Limits | None:
+        """The limits on ``device_type``; ``None`` means no limits."""
+        return None
+
+    def check_available(self) -> str | None:
+        """Why this backend cannot run in this process at all, or None. Called once, then cached."""
+        return None
+
+    def extra_reasons(self, facts: CallFacts) -> list[str]:
+        """Reasons that :class:`Limits` cannot express (versions, runtime switches, odd rules)."""
+        return []
+
+    @functools.cached_property
+    def unavailable_reason(self) -> str | None:
+        try:
+            return self.check_available()
+        except Exception as exc:  # a broken optional install must become a reason, not a crash
+            return f"probe failed: {type(exc).__name__}: {exc}"
+
+    def reasons(self, facts: CallFacts) -> tuple[list[str], bool]:
+        """Every reason this backend cannot serve ``facts``, and whether it needs the 4-D reshape."""
+        limits = self.limits(facts.device_type)
+        to_4d = False
+        if limits is not None and limits.ndims is not None and facts.ndim not in limits.ndims and 4 in limits.ndims:
+            facts = facts.as_4d()
+            to_4d = True
+        out: list[str] = []
+        if limits is not None:
+            cap = None
+            if facts.device_type == "cuda" and (limits.min_cuda_capability or limits.max_cuda_capability):
+                cap = cuda_capability(facts.device_index)
+            out.extend(limit_reasons(limits, facts, cap))
+        out.extend(self.extra_reasons(facts))
+        return out, to_4d
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<attnswap backend {self.name!r}>"
+
+
+class FunctionBackend(Backend):
+    """A user function registered with :func:`attnswap.register_backend`."""
+
+    def __init__(
+        self,
+        name: str,
+        fn: AttentionFn,
+        *,
+        supports: SupportsFn | None = None,
+        limits: Limits | dict[str, Limits] | None = None,
+        description: str = "",
+        exact: bool = True,
+    ) -> None:
+        self.name = name
+        self.fn = fn
+        self.supports = supports
+        self._limits = limits
+        self.description = description or (fn.__doc__ or "").strip().split("\n")[0]
+        self.exact = exact
+        self.accepts_everything = supports is None and limits is None
+
+    def limits(self, device_type: str) -> Limits | None:
+        if isinstance(self._limits, dict):
+            return self._limits.get(device_type, self._limits.get("*"))
+        return self._limits
+
+    def extra_reasons(self, facts: CallFacts) -> list[str]:
+        if self.supports is None:
+            return []
+        out = self.supports(facts)
+        if isinstance(out, str):  # a lone string is one reason, not a list of characters
+            return [out]
+        return [str(r) for r in (out or [])]
+
+    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return self.fn(
+            query, key, value,
+            attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+        )

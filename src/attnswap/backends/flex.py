@@ -1,0 +1,196 @@
+"""``flex``: ``torch.nn.attention.flex_attention``, compiled.
+
+An additive mask becomes a ``score_mod`` that adds the captured bias tensor; a boolean
+mask and ``is_causal`` become a ``BlockMask`` (so fully masked blocks are skipped). Flex is
+only fast compiled, so each distinct call signature gets its own compiled function, kept
+in a bounded cache: repeated calls never recompile, and no signature can push another
+past dynamo's recompile limit. Under an outer ``torch.compile`` the uncompiled functions
+are used so the caller's graph inlines them.
+
+Flex has no dropout (refused). On CPU (torch >= 2.6, needs a C++ compiler) it has no
+backward and no float64 (refused); on CUDA it needs Triton.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import threading
+import types
+from typing import Callable
+
+import torch
+from packaging.version import Version
+
+from ..call import CallFacts
+from ..errors import BackendRefused
+from .base import Backend, Limits
+
+_LOW = frozenset({torch.float32, torch.float16, torch.bfloat16})
+_CACHE_SIZE = 128
+
+
+def _flex():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    return flex_attention, create_block_mask
+
+
+def _plain(query, key, value, scale, enable_gqa):
+    flex_attention, _ = _flex()
+    return flex_attention(query, key, value, scale=scale, enable_gqa=enable_gqa)
+
+
+def _with_bias(query, key, value, bias, scale, enable_gqa):
+    flex_attention, _ = _flex()
+
+    def add_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[b, h, q_idx, kv_idx]
+
+    return flex_attention(query, key, value, score_mod=add_bias, scale=scale, enable_gqa=enable_gqa)
+
+
+def _with_bool_mask(query, key, value, mask, scale, enable_gqa):
+    flex_attention, create_block_mask = _flex()
+
+    def keep(b, h, q_idx, kv_idx):
+        return mask[b, h, q_idx, kv_idx]
+
+    block_mask = create_block_mask(
+        keep,
+        None if mask.size(0) == 1 else mask.size(0),
+        None if mask.size(1) == 1 else mask.size(1),
+        query.size(-2),
+        key.size(-2),
+        device=query.device,
+    )
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def _causal_top_left(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+def _causal(query, key, value, scale, enable_gqa):
+    flex_attention, create_block_mask = _flex()
+    block_mask = create_block_mask(_causal_top_left, None, None, query.size(-2), key.size(-2), device=query.device)
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def _own_code_copy(fn: Callable, tag: int) -> Callable:
+    """A copy of ``fn`` with its own code object: dynamo keeps one cache (and one recompile
+    budget) per code object, so each call signature compiles exactly once."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_sig{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+class FlexBackend(Backend):
+    name = "flex"
+    description = "flex_attention, compiled per call signature; bias as score_mod, masks as BlockMask"
+
+    _cpu = Limits(
+        dtypes=_LOW,
+        ndims=frozenset({4}),
+        kv_batch_broadcast=False,
+        dropout=False,
+        backward=False,
+    )
+    _cuda = Limits(dtypes=_LOW, ndims=frozenset({4}), kv_batch_broadcast=False, dropout=False)
+
+    def __init__(self) -> None:
+        self._compiled: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._tags = 0
+
+    def check_available(self) -> str | None:
+        if Version(torch.__version__.split("+")[0]) < Version("2.5"):
+            return f"flex_attention needs torch >= 2.5 (found {torch.__version__})"
+        try:
+            _flex()
+        except ImportError as exc:
+            return f"torch.nn.attention.flex_attention cannot be imported: {exc}"
+        return None
+
+    def limits(self, device_type: str) -> Limits | None:
+        if device_type == "cpu":
+            return self._cpu
+        if device_type == "cuda":
+            return self._cuda
+        return Limits(devices=frozenset({"cpu", "cuda"}))
+
+    def extra_reasons(self, facts: CallFacts) -> list[str]:
+        out: list[str] = []
+        hq, hk, hv = facts.q_heads, facts.kv_heads, facts.v_shape[-3]
+        if hk != hv:
+            out.append(f"key heads {hk} != value heads {hv}")
+        elif hq != hk and hq % hk:
+            out.append(f"query heads {hq} not divisible by key/value heads {hk}")
+        elif hq != hk and not facts.enable_gqa and hk != 1:
+            out.append(f"query heads {hq} vs key/value heads {hk} without enable_gqa")
+        if facts.device_type == "cpu":
+            if Version(torch.__version__.split("+")[0]) < Version("2.6"):
+                out.append(f"flex_attention on CPU needs torch >= 2.6 (found {torch.__version__})")
+            if not _cpp_compiler():
+                out.append("no C++ compiler found for inductor's CPU code (set CXX or install g++)")
+        elif facts.device_type == "cuda" and not _has_triton():
+            out.append("flex_attention on CUDA needs triton (pip install triton)")
+        return out
+
+    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if dropout_p:
+            raise BackendRefused("flex_attention has no dropout")
+        gqa = enable_gqa or key.size(-3) != query.size(-3)
+        if is_causal:
+            variant, extra = _causal, ()
+        elif attn_mask is None:
+            variant, extra = _plain, ()
+        else:
+            b, h, lq, lk = query.size(0), query.size(1), query.size(2), key.size(2)
+            mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+            if mask.dtype == torch.bool:
+                variant, extra = _with_bool_mask, (mask.expand(mask.size(0), mask.size(1), lq, lk),)
+            else:
+                variant, extra = _with_bias, (mask.to(query.dtype).expand(b, h, lq, lk),)
+        if torch.compiler.is_compiling():
+            return variant(query, key, value, *extra, scale, gqa)
+        sig = (variant.__name__, scale, gqa, torch.is_grad_enabled()) + tuple(
+            (t.device, t.dtype, tuple(t.shape), t.stride(), t.requires_grad) for t in (query, key, value, *extra)
+        )
+        fn = self._compiled.get(sig)
+        if fn is not None:
+            self._compiled.move_to_end(sig)
+            return fn(query, key, value, *extra, scale, gqa)
+        with self._lock:
+            self._tags += 1
+            fn = torch.compile(_own_code_copy(variant, self._tags), dynamic=False, fullgraph=True)
+        try:
+            out = fn(query, key, value, *extra, scale, gqa)
+        except Exception as exc:  # compilation is the first call; its failure is a refusal, not a crash
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise BackendRefused(f"flex_attention could not compile this call: {type(exc).__name__}: {first}") from None
+        with self._lock:
+            self._compiled[sig] = fn
+            while len(self._compiled) > _CACHE_SIZE:
+                self._compiled.popitem(last=False)
+        return out
+
+    def compiled_signatures(self) -> int:
+        """How many call signatures have a compiled kernel in the cache."""
+        return len(self._compiled)
+
+
+def _cpp_compiler() -> str | None:
+    for name in filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++")):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True

@@ -1,0 +1,159 @@
+"""What :func:`attnswap.patch` did, and what the routers saw since (:func:`attnswap.stats`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .reporting import build_table, render_table
+
+PATCHED = "patched"
+NOT_ROUTABLE = "not routable"
+MANUAL = "not routed"
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """One attention site of a model and what patching did to it."""
+
+    path: str
+    cls: str
+    status: str
+    sdpa_calls: int = 0
+    flags: tuple[str, ...] = ()
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.path or "<root>"
+
+
+@dataclass(frozen=True)
+class PatchReport:
+    """The result of :func:`attnswap.patch`; ``print(report)`` shows it as a table."""
+
+    backend: str
+    fallback: tuple[str, ...]
+    strict: bool
+    sites: tuple[SiteReport, ...] = ()
+    backend_unavailable: str = ""
+
+    @property
+    def patched(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == PATCHED]
+
+    @property
+    def not_routable(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.status != PATCHED]
+
+    def __len__(self) -> int:
+        return len(self.patched)
+
+    def _rows(self) -> list[tuple]:
+        return [
+            (s.name, s.cls.rsplit(".", 1)[-1], s.status, s.sdpa_calls or "", ", ".join(f"{f}=True" for f in s.flags), s.reason)
+            for s in self.sites
+        ]
+
+    def _title(self) -> str:
+        chain = " -> ".join((self.backend, *self.fallback)) if not self.strict else f"{self.backend} (strict)"
+        return f"attnswap: {len(self.patched)} attention sites routed to {chain}"
+
+    def _caption(self) -> str:
+        parts = []
+        if self.not_routable:
+            parts.append(f"{len(self.not_routable)} attention-like modules not routed")
+        if self.backend_unavailable:
+            parts.append(f"{self.backend!r} is unavailable here ({self.backend_unavailable}); calls use the fallback")
+        if not self.sites:
+            parts.append("no attention sites found")
+        return "; ".join(parts)
+
+    def __str__(self) -> str:
+        return render_table(
+            self._title(), ("site", "class", "status", "SDPA calls", "flags set", "note"), self._rows(), self._caption()
+        )
+
+    def __rich__(self):
+        return build_table(self._title(), ("site", "class", "status", "SDPA calls", "flags set", "note"), self._rows(), self._caption())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "fallback": list(self.fallback),
+            "strict": self.strict,
+            "backend_unavailable": self.backend_unavailable,
+            "sites": [dict(s.__dict__, flags=list(s.flags)) for s in self.sites],
+        }
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """Calls a site served with ``used`` because the backends in ``refused`` could not."""
+
+    used: str
+    refused: dict[str, tuple[str, ...]]
+    calls: int
+
+
+@dataclass(frozen=True)
+class SiteStats:
+    path: str
+    cls: str
+    backend: str
+    calls: dict[str, int] = field(default_factory=dict)
+    fallbacks: tuple[Fallback, ...] = ()
+    traced: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+    @property
+    def fallback_calls(self) -> int:
+        return sum(f.calls for f in self.fallbacks)
+
+
+class ModelStats(list):
+    """Per-site call counts (:class:`SiteStats`); prints as a table."""
+
+    def by_backend(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for site in self:
+            for name, n in site.calls.items():
+                out[name] = out.get(name, 0) + n
+        return out
+
+    @property
+    def total_calls(self) -> int:
+        return sum(s.total_calls for s in self)
+
+    @property
+    def fallback_calls(self) -> int:
+        return sum(s.fallback_calls for s in self)
+
+    def _rows(self) -> list[tuple]:
+        rows = []
+        for s in self:
+            calls = ", ".join(f"{name}: {n}" for name, n in s.calls.items()) or "-"
+            if s.traced:
+                calls += " | compiled: " + ", ".join(f"{name} (traced {n}x)" for name, n in s.traced.items())
+            why = "; ".join(
+                f"{f.calls} to {f.used}: " + "; ".join(f"{b}: {', '.join(r)}" for b, r in f.refused.items())
+                for f in s.fallbacks
+            )
+            rows.append((s.path or "<root>", s.cls.rsplit(".", 1)[-1], s.backend, calls, why))
+        return rows
+
+    def __str__(self) -> str:
+        caption = f"{self.total_calls} calls, {self.fallback_calls} fell back" if self else "no patched sites"
+        return render_table(
+            "attnswap: attention calls per site", ("site", "class", "asked", "calls served by", "fallbacks and why"),
+            self._rows(), caption,
+        )
+
+    def __rich__(self):
+        return build_table(
+            "attnswap: attention calls per site", ("site", "class", "asked", "calls served by", "fallbacks and why"),
+            self._rows(),
+        )

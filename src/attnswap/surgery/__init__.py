@@ -1,0 +1,1 @@
+"""Finding attention sites in a model and rewriting them in place."""

@@ -1,0 +1,87 @@
+"""Walk a model and classify every module: SDPA site, not routable (and why), or neither."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Iterator, Sequence, Union
+
+import torch
+
+from ..errors import AttnSwapError
+from .reroute import ClassRewrite, _is_torch_class, analyze, original_class
+
+Selector = Union[str, type]
+
+
+@dataclass
+class Candidate:
+    path: str
+    module: torch.nn.Module
+    cls: type
+    rewrite: ClassRewrite | None  # None: a module that computes softmax by hand (reported, not routed)
+
+
+def class_label(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _normalize(selectors: Selector | Sequence[Selector] | None, what: str) -> list[Selector] | None:
+    if selectors is None:
+        return None
+    if isinstance(selectors, (str, type)):
+        selectors = [selectors]
+    out = list(selectors)
+    for s in out:
+        if not isinstance(s, (str, type)):
+            raise AttnSwapError(f"`{what}` takes module-path globs or classes, got {type(s).__name__}: {s!r}")
+    return out
+
+
+def _matches(path: str, cls: type, selectors: list[Selector]) -> bool:
+    for s in selectors:
+        if isinstance(s, type):
+            if issubclass(cls, s):
+                return True
+        elif fnmatch.fnmatchcase(path, s) or fnmatch.fnmatchcase(cls.__name__, s) or fnmatch.fnmatchcase(
+            class_label(cls), s
+        ):
+            return True
+    return False
+
+
+def _computes_softmax(cls: type) -> bool:
+    forward = getattr(cls, "forward", None)
+    code = getattr(forward, "__code__", None)
+    if code is None:
+        return False
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        if "softmax" in c.co_names:
+            return True
+        stack.extend(x for x in c.co_consts if hasattr(x, "co_names"))
+    return False
+
+
+def candidates(
+    model: torch.nn.Module,
+    include: Selector | Sequence[Selector] | None = None,
+    exclude: Selector | Sequence[Selector] | None = None,
+) -> Iterator[Candidate]:
+    """Every module of ``model`` that calls SDPA (or computes softmax by hand) and is selected."""
+    inc = _normalize(include, "include")
+    exc = _normalize(exclude, "exclude")
+    for path, module in model.named_modules():
+        cls = original_class(module)
+        if _is_torch_class(cls):
+            continue
+        if inc is not None and not _matches(path, cls, inc):
+            continue
+        if exc is not None and _matches(path, cls, exc):
+            continue
+        rewrite = analyze(cls)
+        if rewrite is not None:
+            yield Candidate(path, module, cls, rewrite)
+        elif _computes_softmax(cls):
+            yield Candidate(path, module, cls, None)
