@@ -398,7 +398,15 @@ def _facts_from_key(key: tuple) -> CallFacts:
     )
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn: Callable) -> Callable:
+    # torch.compiler.assume_constant_result imports torch._dynamo (about a second, and triton)
+    # only to set this attribute; setting it here keeps `import attnswap` light. A test checks
+    # that the public decorator still sets exactly this attribute.
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@_assume_constant_result
 def _decide_while_tracing(token: int, key: tuple) -> tuple[str, bool]:
     """Runs eagerly while dynamo traces: the decision (and its bookkeeping) never enters the graph."""
     router = _live_routers[token]

@@ -148,6 +148,15 @@ def cuda_capability(index: int | None) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))  # type: ignore[return-value]
 
 
+def _reshape_helps(limits: Limits, facts: CallFacts) -> bool:
+    """The kernel takes 4-D but not this call's rank (or mask rank): the router can reshape."""
+    if limits.ndims is not None and facts.ndim not in limits.ndims and 4 in limits.ndims:
+        return True
+    if limits.mask_ndims is not None and facts.mask_shape is not None and 4 in limits.mask_ndims:
+        return len(facts.mask_shape) not in limits.mask_ndims
+    return False
+
+
 class Backend:
     """Base class of every backend. Subclasses set the class attributes and ``__call__``.
 
@@ -186,7 +195,7 @@ class Backend:
         """Every reason this backend cannot serve ``facts``, and whether it needs the 4-D reshape."""
         limits = self.limits(facts.device_type)
         to_4d = False
-        if limits is not None and limits.ndims is not None and facts.ndim not in limits.ndims and 4 in limits.ndims:
+        if limits is not None and _reshape_helps(limits, facts):
             facts = facts.as_4d()
             to_4d = True
         out: list[str] = []

@@ -53,14 +53,17 @@ def _with_bias(query, key, value, bias, scale, enable_gqa):
 
 def _with_bool_mask(query, key, value, mask, scale, enable_gqa):
     flex_attention, create_block_mask = _flex()
+    # The kernel reads the mask at every (b, h) of the call, so it is indexed expanded (a view);
+    # the block mask itself only needs the dims the mask really has.
+    full = mask.expand(query.size(0), query.size(1), query.size(-2), key.size(-2))
 
     def keep(b, h, q_idx, kv_idx):
-        return mask[b, h, q_idx, kv_idx]
+        return full[b, h, q_idx, kv_idx]
 
     block_mask = create_block_mask(
         keep,
-        None if mask.size(0) == 1 else mask.size(0),
-        None if mask.size(1) == 1 else mask.size(1),
+        None if mask.stride(0) == 0 or mask.size(0) == 1 else mask.size(0),
+        None if mask.stride(1) == 0 or mask.size(1) == 1 else mask.size(1),
         query.size(-2),
         key.size(-2),
         device=query.device,
@@ -149,7 +152,7 @@ class FlexBackend(Backend):
             b, h, lq, lk = query.size(0), query.size(1), query.size(2), key.size(2)
             mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
             if mask.dtype == torch.bool:
-                variant, extra = _with_bool_mask, (mask.expand(mask.size(0), mask.size(1), lq, lk),)
+                variant, extra = _with_bool_mask, (mask,)
             else:
                 variant, extra = _with_bias, (mask.to(query.dtype).expand(b, h, lq, lk),)
         if torch.compiler.is_compiling():

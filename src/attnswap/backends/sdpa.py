@@ -101,10 +101,15 @@ class PinnedSdpaBackend(Backend):
                     F.scaled_dot_product_attention(query, key, value, **kwargs)
                 except RuntimeError:
                     pass
-            said = [str(w.message).strip() for w in caught if "kernel not used because" in str(w.message)]
+            said = [_strip_origin(str(w.message)) for w in caught]
+            said = [m for m in said if m and not m.endswith("kernel not used because:")]
             raise BackendRefused(
                 "PyTorch refused the call: " + (" ".join(said) if said else "no reason given (mask requires grad, or its shape)")
             ) from None
+
+
+def _strip_origin(message: str) -> str:
+    return message.split(" (Triggered internally at")[0].strip()
 
 
 class SdpaMathBackend(PinnedSdpaBackend):

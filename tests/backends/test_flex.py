@@ -1,0 +1,89 @@
+"""flex: compiled flex_attention with bias as score_mod and masks as BlockMask (CPU)."""
+
+import pytest
+import torch
+import torch._dynamo.utils
+
+import attnswap
+from attnswap.backends import eager_attention, get_backend
+from attnswap.routing import Policy, Router
+from conftest import rand
+
+
+def route(*args, strict=True, **kwargs):
+    router = Router(Policy("flex", ("sdpa",), strict), site="test")
+    return router, router(*args, **kwargs)
+
+
+def f32(*shape, seed=0, **kw):
+    return rand(*shape, dtype=torch.float32, seed=seed, **kw)
+
+
+CASES = {
+    "plain": lambda: ((f32(2, 3, 40, 16, seed=1), f32(2, 3, 40, 16, seed=2), f32(2, 3, 40, 16, seed=3)), {}),
+    "bias broadcast (H,L,S), q_len != kv_len": lambda: (
+        (f32(2, 3, 20, 16, seed=1), f32(2, 3, 33, 16, seed=2), f32(2, 3, 33, 16, seed=3)),
+        dict(attn_mask=f32(3, 20, 33, seed=4)),
+    ),
+    "bool padding mask with a fully masked row": lambda: (
+        (f32(2, 2, 24, 16, seed=1), f32(2, 2, 24, 16, seed=2), f32(2, 2, 24, 16, seed=3)),
+        dict(attn_mask=torch.ones(24, 24, dtype=torch.bool).index_fill_(0, torch.tensor([5]), False)),
+    ),
+    "causal q_len < kv_len (top-left)": lambda: (
+        (f32(1, 2, 10, 16, seed=1), f32(1, 2, 30, 16, seed=2), f32(1, 2, 30, 16, seed=3)), dict(is_causal=True)
+    ),
+    "gqa, scale, v head dim differs": lambda: (
+        (f32(1, 4, 18, 16, seed=1), f32(1, 2, 18, 16, seed=2), f32(1, 2, 18, 32, seed=3)),
+        dict(enable_gqa=True, scale=0.2),
+    ),
+    "5-D with bias": lambda: (
+        (f32(1, 2, 3, 16, 8, seed=1), f32(1, 2, 3, 16, 8, seed=2), f32(1, 2, 3, 16, 8, seed=3)),
+        dict(attn_mask=f32(3, 16, 16, seed=4)),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_flex_matches_eager(name):
+    (q, k, v), kwargs = CASES[name]()
+    with torch.no_grad():
+        router, out = route(q, k, v, **kwargs)
+        ref = eager_attention(q.double(), k.double(), v.double(),
+                              **{n: (a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a) for n, a in kwargs.items()})
+    assert [t.backend for t in router.tallies()] == ["flex"]
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_repeated_calls_do_not_recompile_and_new_bias_values_are_used():
+    flex = get_backend("flex")
+    q = f32(1, 2, 24, 16, seed=1)
+    router = Router(Policy("flex", (), True))
+    with torch.no_grad():
+        router(q, q, q, attn_mask=f32(2, 24, 24, seed=5))
+        cached = flex.compiled_signatures()
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        for seed in range(3):
+            bias = f32(2, 24, 24, seed=10 + seed)
+            out = router(q, q, q, attn_mask=bias)
+            torch.testing.assert_close(out, eager_attention(q, q, q, attn_mask=bias), atol=1e-5, rtol=1e-5)
+    assert flex.compiled_signatures() == cached
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames, "same signature must not recompile"
+
+
+@pytest.mark.parametrize(
+    "make,reason",
+    [
+        (lambda q: dict(dropout_p=0.1), "no dropout"),
+        (lambda q: dict(query=q.double(), key=q.double(), value=q.double()), "dtype float64"),
+        (lambda q: dict(query=q.clone().requires_grad_()), "needs backward"),
+    ],
+)
+def test_flex_refuses_what_it_cannot_do_on_cpu(make, reason):
+    q = f32(1, 2, 8, 16)
+    kwargs = dict(query=q, key=q, value=q)
+    kwargs.update(make(q))
+    with pytest.raises(attnswap.UnsupportedCall) as info:
+        route(**kwargs)
+    assert any(reason in r for r in info.value.reasons["flex"]), info.value.reasons
+    router, out = route(strict=False, **kwargs)
+    assert [t.backend for t in router.tallies()] == ["sdpa"]
