@@ -108,9 +108,18 @@ def _analyze(cls: type) -> ClassRewrite | None:
             fn = _plain_function(attr)
             if fn is None:
                 continue
-            mentions = frozenset({_SDPA_NAME}) | _sdpa_aliases(fn.__globals__)
-            if _code_mentions(fn.__code__, mentions):
-                candidates.append((name, attr, fn))
+            inner = fn
+            while inner is not None:  # look through decorators that wrap (functools.wraps)
+                mentions = frozenset({_SDPA_NAME}) | _sdpa_aliases(inner.__globals__)
+                if _code_mentions(inner.__code__, mentions):
+                    if inner is not fn:
+                        return ClassRewrite(
+                            cls,
+                            problem=f"{cls.__qualname__}.{name}: it is wrapped by a decorator; rewriting would drop it",
+                        )
+                    candidates.append((name, attr, fn))
+                    break
+                inner = getattr(inner, "__wrapped__", None)
     if not candidates:
         return None
     methods: dict[str, Callable] = {}
@@ -248,6 +257,10 @@ def _rewrite(fn: Callable, *, is_method: bool) -> tuple[Callable, int, list[str]
     funcdef = tree.body[0] if tree.body else None
     if not isinstance(funcdef, (ast.FunctionDef, ast.AsyncFunctionDef)) or funcdef.name != fn.__name__:
         raise _NotRewritable("its source is not a plain `def` (a lambda or generated function)")
+    if not is_method:  # its @staticmethod/@classmethod line is not part of the function
+        funcdef.decorator_list = [
+            d for d in funcdef.decorator_list if not (isinstance(d, ast.Name) and d.id in ("staticmethod", "classmethod"))
+        ]
     if funcdef.decorator_list:
         raise _NotRewritable("it is decorated; rewriting would drop the decorator")
     args = funcdef.args.posonlyargs + funcdef.args.args

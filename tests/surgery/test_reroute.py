@@ -1,0 +1,135 @@
+"""Rerouting SDPA calls: every spelling reached, what cannot be reached reported, exact restore."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import attnswap
+from attnswap.backends import eager_attention
+from attnswap.routing import ROUTER_ATTR
+from attnswap.surgery.reroute import analyze
+from surgery import spellings as S
+
+ROUTABLE = [
+    (S.ViaF, 1), (S.ViaTorchNNFunctional, 1), (S.ViaNNFunctional, 1), (S.ViaImportedName, 1), (S.ViaAlias, 1),
+    (S.ViaHelperMethod, 1), (S.ViaNestedFunction, 1), (S.WithSuperAndFlag, 1), (S.WithNegatedFlag, 1),
+    (S.Child, 1), (S.TwoCalls, 2),
+]
+
+
+@pytest.mark.parametrize("cls,sites", ROUTABLE, ids=[c.__name__ for c, _ in ROUTABLE])
+def test_every_spelling_is_routed_and_output_is_unchanged(cls, sites, sdpa_counter, registered):
+    seen = []
+
+    def probe(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        seen.append((tuple(q.shape), attn_mask is not None, is_causal, scale))
+        return eager_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale)
+
+    registered("probe", probe)
+    torch.manual_seed(0)
+    module = cls().double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    module.fused_attn = getattr(module, "fused_attn", True)
+    ref_module = cls().double()
+    ref_module.load_state_dict(module.state_dict())
+    if hasattr(ref_module, "fused_attn"):
+        ref_module.fused_attn = False  # the reference runs the manual path where there is one
+    ref = ref_module(x)
+
+    report = attnswap.patch(module, backend="probe")
+    assert len(report) == 1 and report.patched[0].sdpa_calls == sites
+    counter = sdpa_counter()
+    with counter:
+        out = module(x)
+    assert counter.calls == 0, "an SDPA call escaped the router"
+    assert len(seen) >= 1
+    torch.testing.assert_close(out, ref)
+
+
+def test_call_arguments_arrive_unchanged(registered):
+    seen = []
+    registered("probe", lambda q, k, v, **kw: (seen.append(kw), torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw))[1])
+    for cls, expected in [
+        (S.ViaTorchNNFunctional, dict(scale=0.5)),
+        (S.ViaNNFunctional, dict()),
+        (S.ViaImportedName, dict(is_causal=True)),
+    ]:
+        module = cls()
+        attnswap.patch(module, backend="probe")
+        seen.clear()
+        module(torch.randn(1, 3, 8))
+        (kw,) = seen
+        for name, value in expected.items():
+            assert kw[name] == value
+
+
+def test_gate_flags_are_forced_on_and_restored_exactly():
+    module = S.WithSuperAndFlag()
+    assert "fused_attn" not in module.__dict__
+    report = attnswap.patch(module)
+    assert report.patched[0].flags == ("fused_attn",)
+    assert module.fused_attn is True
+    attnswap.unpatch(module)
+    assert "fused_attn" not in module.__dict__ and module.fused_attn is False
+
+    negated = S.WithNegatedFlag()
+    attnswap.patch(negated)
+    assert negated.fused_attn is True and negated.not_fused is False
+    attnswap.unpatch(negated)
+    assert negated.__dict__["fused_attn"] is False
+
+
+@pytest.mark.parametrize(
+    "cls,problem",
+    [
+        (S.StaticSdpa, "outside an instance method"),
+        (S.StoresSdpa, "other than by calling it"),
+        (S.Decorated, "wrapped by a decorator"),
+    ],
+)
+def test_unroutable_classes_are_reported_not_patched(cls, problem):
+    module = cls()
+    report = attnswap.patch(module)
+    assert len(report) == 0
+    (site,) = report.not_routable
+    assert site.status == "not routable" and problem in site.reason
+    assert not attnswap.is_patched(module)
+    with pytest.raises(attnswap.PatchError, match=problem):
+        attnswap.patch(module, strict=True)
+
+
+def test_a_method_named_like_sdpa_is_not_mistaken_for_it():
+    assert analyze(S.SameNameNotSdpa) is None
+
+
+def test_instance_level_forward_override_is_reported():
+    module = S.ViaF()
+    module.forward = lambda x: x
+    report = attnswap.patch(module)
+    assert len(report) == 0 and "overrides the class method" in report.not_routable[0].reason
+
+
+def test_rewritten_code_keeps_file_and_line_numbers():
+    rewrite = analyze(S.ViaF)
+    new = rewrite.methods["forward"]
+    old = S.ViaF.forward
+    assert new.__code__.co_filename == old.__code__.co_filename
+    assert new.__code__.co_firstlineno == old.__code__.co_firstlineno
+    assert new.__qualname__ == old.__qualname__
+
+
+def test_patched_class_looks_like_the_original():
+    module = S.ViaF()
+    before = repr(module)
+    attnswap.patch(module)
+    assert isinstance(module, S.ViaF) and type(module) is not S.ViaF
+    assert type(module).__name__ == "ViaF" and repr(module) == before
+    attnswap.unpatch(module)
+    assert type(module) is S.ViaF and ROUTER_ATTR not in module.__dict__
+
+
+def test_modules_without_attention_are_left_alone():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    report = attnswap.patch(model)
+    assert len(report) == 0 and report.sites == () and "no attention sites" in str(report)
+    assert attnswap.unpatch(model) == 0

@@ -1,0 +1,108 @@
+"""Every SDPA-calling timm attention family, patched with every CPU backend: same output,
+and every SDPA call went through attnswap (a TorchFunctionMode probe sees none reach PyTorch
+unrouted, and the routers' counts equal the unpatched model's SDPA calls)."""
+
+import pytest
+import torch
+
+import attnswap
+from attnswap.backends import eager_attention
+from conftest import SdpaCounter
+from families import FAMILIES, SLOW_FAMILIES, build, features
+
+CPU_BACKENDS = ["sdpa", "sdpa_math", "sdpa_flash", "eager"]
+FLEX_FAMILIES = ["vit", "swin", "beit", "samvit", "mobilenetv4_hybrid", "nest"]
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        out = [features(model, x)]
+        logits = model(x)
+        out.append(logits if isinstance(logits, torch.Tensor) else logits[0])
+    return out
+
+
+def sdpa_calls_unpatched(model, x):
+    counter = SdpaCounter()
+    with counter, torch.no_grad():
+        model(x)
+    return counter.calls
+
+
+def relative_error(out, ref):
+    """max |out - ref| / max |ref|: the error at the scale of the output (random weights give
+    outputs near 1e3 next to outputs near 0, so an elementwise rtol would be meaningless)."""
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+def check_routing_is_complete(family, registered):
+    model, x = build(family)
+    registered("probe", lambda q, k, v, **kw: eager_attention(q, k, v, **kw))
+    expected_calls = sdpa_calls_unpatched(model, x)
+    attnswap.patch(model, backend="probe")
+    counter = SdpaCounter()
+    with counter:
+        outputs(model, x)
+    assert counter.calls == 0, f"{counter.calls} SDPA calls escaped the routers"
+    routed = attnswap.stats(model).total_calls
+    assert routed >= expected_calls and routed > 0, (routed, expected_calls)
+    return routed
+
+
+def check_numerics(family, backend, dtype):
+    model, x = build(family, dtype=dtype)
+    ref = outputs(model, x)
+    attnswap.patch(model, backend=backend)
+    out = outputs(model, x)
+    limit = 1e-5 if dtype == torch.float32 else 1e-12
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape and o.dtype == r.dtype
+        assert relative_error(o, r) < limit, relative_error(o, r)
+    s = attnswap.stats(model)
+    assert s.total_calls > 0
+    return s
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_every_sdpa_call_is_routed(family, registered):
+    check_routing_is_complete(family, registered)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_patched_equals_unpatched(family, backend, dtype):
+    s = check_numerics(family, backend, dtype)
+    if backend in ("sdpa", "sdpa_math", "eager"):
+        assert s.fallback_calls == 0, str(s)
+    else:  # CPU flash refuses dropout and v head dim != qk: each fallback is explained
+        for site in s:
+            for fb in site.fallbacks:
+                assert fb.used == "sdpa" and fb.refused["sdpa_flash"], fb
+
+
+@pytest.mark.parametrize("family", FLEX_FAMILIES)
+def test_family_with_flex(family):
+    s = check_numerics(family, "flex", torch.float32)
+    assert s.by_backend().get("flex", 0) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(FLEX_FAMILIES)))
+def test_family_with_flex_slow(family):
+    check_numerics(family, "flex", torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(SLOW_FAMILIES))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_big_family(family, backend, registered):
+    check_routing_is_complete(family, registered)
+    check_numerics(family, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["sdpa_efficient", "sdpa_cudnn"])
+def test_cuda_only_kernels_fall_back_on_cpu_with_reasons(backend):
+    s = check_numerics("swin", backend, torch.float32)
+    assert s.fallback_calls == s.total_calls > 0
+    assert all("device cpu" in fb.refused[backend][0] for site in s for fb in site.fallbacks)
