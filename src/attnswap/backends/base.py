@@ -207,6 +207,15 @@ class Backend:
         out.extend(self.extra_reasons(facts))
         return out, to_4d
 
+    @property
+    def kernel(self) -> AttentionFn:
+        """What the router calls: ``kernel(q, k, v, attn_mask, dropout_p, is_causal, scale=, enable_gqa=)``.
+
+        ``__call__`` by default; a backend that *is* a builtin function returns it, saving a
+        Python frame per call.
+        """
+        return self.__call__
+
     def __call__(
         self,
         query: torch.Tensor,

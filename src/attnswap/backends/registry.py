@@ -34,13 +34,17 @@ _backends: dict[str, Backend] = {}
 _builtin_names: list[str] = []
 
 
-class _Generation:
-    """Bumped on every registry change; routers drop their cached decisions when it moves."""
-
-    value = 0
+_listeners: list[Callable[[], None]] = []
 
 
-generation = _Generation()
+def on_change(listener: Callable[[], None]) -> None:
+    """Call ``listener()`` after every registration change (routers drop cached decisions)."""
+    _listeners.append(listener)
+
+
+def _changed() -> None:
+    for listener in list(_listeners):
+        listener()
 
 
 def _add(backend: Backend, *, builtin: bool = False) -> None:
@@ -48,7 +52,7 @@ def _add(backend: Backend, *, builtin: bool = False) -> None:
         _backends[backend.name] = backend
         if builtin:
             _builtin_names.append(backend.name)
-        generation.value += 1
+    _changed()
 
 
 def resolve_name(name: str) -> str:
@@ -193,7 +197,7 @@ def unregister_backend(name: str) -> None:
         if name not in _backends:
             raise AttnSwapError(f"no backend named {name!r} is registered")
         del _backends[name]
-        generation.value += 1
+    _changed()
 
 
 @dataclass(frozen=True)

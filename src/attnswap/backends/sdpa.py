@@ -48,6 +48,10 @@ class SdpaBackend(Backend):
     description = "torch.nn.functional.scaled_dot_product_attention; PyTorch picks the kernel"
     accepts_everything = True
 
+    @property
+    def kernel(self):
+        return F.scaled_dot_product_attention
+
     def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if enable_gqa:
             return F.scaled_dot_product_attention(
@@ -65,7 +69,7 @@ class PinnedSdpaBackend(Backend):
     kernel_name: str = ""
 
     @property
-    def kernel(self):
+    def sdp_backend(self):
         from torch.nn.attention import SDPBackend
 
         return getattr(SDPBackend, self.kernel_name)
@@ -86,16 +90,16 @@ class PinnedSdpaBackend(Backend):
         if enable_gqa:
             kwargs["enable_gqa"] = True
         if torch.compiler.is_compiling():
-            with sdpa_kernel([self.kernel]):
+            with sdpa_kernel([self.sdp_backend]):
                 return F.scaled_dot_product_attention(query, key, value, **kwargs)
         try:
-            with sdpa_kernel([self.kernel]):
+            with sdpa_kernel([self.sdp_backend]):
                 return F.scaled_dot_product_attention(query, key, value, **kwargs)
         except RuntimeError as exc:
             if _NO_KERNEL not in str(exc):
                 raise
             # PyTorch explains each refusal in a UserWarning; run the selection again to keep them.
-            with warnings.catch_warnings(record=True) as caught, sdpa_kernel([self.kernel]):
+            with warnings.catch_warnings(record=True) as caught, sdpa_kernel([self.sdp_backend]):
                 warnings.simplefilter("always")
                 try:
                     F.scaled_dot_product_attention(query, key, value, **kwargs)

@@ -3,7 +3,7 @@
 For a module class whose methods call SDPA (under any spelling: ``F.``,
 ``torch.nn.functional.``, ``nn.functional.``, an imported or aliased name), each such method
 is recompiled from its own source with every SDPA call ``f(q, k, v, ...)`` replaced by
-``self._attnswap_router(q, k, v, ...)``: same arguments, same globals, same closure, same
+``self._attnswap_router.route(q, k, v, ...)``: same arguments, same globals, same closure, same
 line numbers. Everything else the module computes (projections, norms, rope, its bias)
 stays the module's own code reading its own live attributes.
 
@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..routing import ROUTER_ATTR
+from ..routing import ROUTE_METHOD, ROUTER_ATTR
 
 SDPA = F.scaled_dot_product_attention
 _SDPA_NAME = "scaled_dot_product_attention"
@@ -211,10 +211,8 @@ class _Rewriter(ast.NodeTransformer):
             raise _NotRewritable("calls scaled_dot_product_attention outside an instance method, no router to reach")
         self.calls += 1
         self._note_gates()
-        node.func = ast.copy_location(
-            ast.Attribute(value=ast.Name(id=self.self_name, ctx=ast.Load()), attr=ROUTER_ATTR, ctx=ast.Load()),
-            node.func,
-        )
+        router = ast.Attribute(value=ast.Name(id=self.self_name, ctx=ast.Load()), attr=ROUTER_ATTR, ctx=ast.Load())
+        node.func = ast.copy_location(ast.Attribute(value=router, attr=ROUTE_METHOD, ctx=ast.Load()), node.func)
         return node
 
     def visit_Name(self, node: ast.Name) -> ast.AST:
