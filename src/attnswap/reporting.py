@@ -9,8 +9,8 @@ def build_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
     from rich.table import Table
 
     table = Table(title=title, caption=caption or None, title_justify="left", caption_justify="left")
-    for col in header:
-        table.add_column(col, overflow="fold")
+    for i, col in enumerate(header):
+        table.add_column(col, overflow="fold", no_wrap=i == 0)
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
     return table
