@@ -106,3 +106,39 @@ def test_cuda_only_kernels_fall_back_on_cpu_with_reasons(backend):
     s = check_numerics("swin", backend, torch.float32)
     assert s.fallback_calls == s.total_calls > 0
     assert all("device cpu" in fb.refused[backend][0] for site in s for fb in site.fallbacks)
+
+
+def _layers_without_registered_models():
+    from timm.layers.attention2d import Attention2d
+    from timm.layers.attention_pool import AttentionPoolPrr
+    from timm.layers.attention_pool2d import RotAttentionPool2d
+    from timm.layers.other_pool import SimPool1d, SimPool2d
+
+    return {
+        "Attention2d": (lambda: Attention2d(32, num_heads=4), (2, 32, 6, 6)),
+        "AttentionPoolPrr": (lambda: AttentionPoolPrr(32, num_heads=4), (2, 10, 32)),
+        "RotAttentionPool2d": (lambda: RotAttentionPool2d(32, ref_feat_size=6, head_dim=8), (2, 32, 6, 6)),
+        "SimPool2d": (lambda: SimPool2d(32, num_heads=2, gamma=2.0), (2, 32, 6, 6)),
+        "SimPool1d": (lambda: SimPool1d(32, num_heads=2), (2, 10, 32)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_layers_without_registered_models()))
+@pytest.mark.parametrize("backend", ["sdpa_math", "eager"])
+def test_layers_no_registered_model_uses(name, backend):
+    """Classes reachable only through kwargs (global_pool='prr', ...) are routed too."""
+    make, shape = _layers_without_registered_models()[name]
+    torch.manual_seed(0)
+    module = make().eval().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    with torch.no_grad():
+        ref = module(x)
+    report = attnswap.patch(module, backend=backend)
+    assert len(report) == 1
+    counter = SdpaCounter()
+    with counter, torch.no_grad():
+        out = module(x)
+    if backend == "eager":  # eager never calls SDPA itself, so any SDPA call seen escaped
+        assert counter.calls == 0
+    assert relative_error(out, ref) < 1e-12
+    assert attnswap.stats(module).total_calls >= 1

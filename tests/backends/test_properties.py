@@ -90,7 +90,7 @@ def test_backend_matches_eager_or_refuses_float32(backend, call):
 
 
 @pytest.mark.slow
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(call=calls(max_len=20))
 def test_flex_matches_eager_or_refuses(call):
     check("flex", call, torch.float32)

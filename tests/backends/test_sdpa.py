@@ -133,6 +133,8 @@ def test_cuda_cudnn_limits(hopper):
     assert any("kv_len 1" in r for r in reasons("sdpa_cudnn", cuda_facts(k_shape=(2, 8, 1, 64), v_shape=(2, 8, 1, 64))))
     assert any("1/16" in r for r in reasons("sdpa_cudnn", cuda_facts(dropout_p=0.1)))
     assert reasons("sdpa_cudnn", cuda_facts(dropout_p=0.125)) == []
+    causal_rect = cuda_facts(is_causal=True, k_shape=(2, 8, 300, 64), v_shape=(2, 8, 300, 64))
+    assert any("top-left causal" in r for r in reasons("sdpa_cudnn", causal_rect)), "unverified corner: refused"
     d256 = dict(q_shape=(2, 8, 197, 256), k_shape=(2, 8, 197, 256), v_shape=(2, 8, 197, 256))
     assert reasons("sdpa_cudnn", cuda_facts(**d256)) == [], "d256 forward on sm90 with cuDNN > 9.22"
 

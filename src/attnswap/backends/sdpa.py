@@ -64,9 +64,20 @@ class SdpaBackend(Backend):
 
 
 class PinnedSdpaBackend(Backend):
-    """SDPA restricted to one kernel with ``sdpa_kernel``."""
+    """SDPA restricted to one kernel with ``sdpa_kernel``.
+
+    ``_limits`` maps each device type the kernel exists on to its limits; on any other device
+    type every call is refused by device.
+    """
 
     kernel_name: str = ""
+    _limits: dict[str, Limits] = {}
+
+    def limits(self, device_type: str) -> Limits | None:
+        found = self._limits.get(device_type)
+        if found is None and self._limits:
+            return Limits(devices=frozenset(self._limits))
+        return found
 
     @property
     def sdp_backend(self):
@@ -138,7 +149,6 @@ class SdpaFlashBackend(PinnedSdpaBackend):
             dropout=False,
         ),
         "cuda": Limits(
-            devices=frozenset({"cuda"}),
             dtypes=_HALF,
             ndims=frozenset({4}),
             max_head_dim=256,
@@ -151,9 +161,6 @@ class SdpaFlashBackend(PinnedSdpaBackend):
             max_cuda_capability=(12, 1),
         ),
     }
-
-    def limits(self, device_type: str) -> Limits | None:
-        return self._limits.get(device_type, Limits(devices=frozenset({"cpu", "cuda"})))
 
     def extra_reasons(self, facts: CallFacts) -> list[str]:
         out = _gqa_reasons(facts, same_kv_heads=True)
@@ -170,20 +177,16 @@ class SdpaEfficientBackend(PinnedSdpaBackend):
     name = "sdpa_efficient"
     kernel_name = "EFFICIENT_ATTENTION"
     description = "SDPA pinned to the memory-efficient (cutlass) kernel; takes masks with gradient"
-    _cuda = Limits(
-        devices=frozenset({"cuda"}),
-        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-        ndims=frozenset({4}),
-        mask_dtype_matches_query=True,
-        kv_batch_broadcast=False,
-        min_cuda_capability=(5, 0),
-        max_cuda_capability=(12, 1),
-    )
-
-    def limits(self, device_type: str) -> Limits | None:
-        if device_type == "cuda":
-            return self._cuda
-        return Limits(devices=frozenset({"cuda"}))
+    _limits = {
+        "cuda": Limits(
+            dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+            ndims=frozenset({4}),
+            mask_dtype_matches_query=True,
+            kv_batch_broadcast=False,
+            min_cuda_capability=(5, 0),
+            max_cuda_capability=(12, 1),
+        )
+    }
 
     def extra_reasons(self, facts: CallFacts) -> list[str]:
         if facts.device_type != "cuda":
@@ -210,22 +213,19 @@ class SdpaCudnnBackend(PinnedSdpaBackend):
     name = "sdpa_cudnn"
     kernel_name = "CUDNN_ATTENTION"
     description = "SDPA pinned to cuDNN attention (Hopper/Blackwell fast path)"
-    _cuda = Limits(
-        devices=frozenset({"cuda"}),
-        dtypes=_HALF,
-        ndims=frozenset({4}),
-        head_dim_multiple=8,
-        mask_grad=False,
-        mask_ndims=frozenset({2, 4}),
-        kv_batch_broadcast=False,
-        min_cuda_capability=(8, 0),
-        max_cuda_capability=(12, 1),
-    )
-
-    def limits(self, device_type: str) -> Limits | None:
-        if device_type == "cuda":
-            return self._cuda
-        return Limits(devices=frozenset({"cuda"}))
+    _limits = {
+        "cuda": Limits(
+            dtypes=_HALF,
+            ndims=frozenset({4}),
+            head_dim_multiple=8,
+            mask_grad=False,
+            mask_ndims=frozenset({2, 4}),
+            kv_batch_broadcast=False,
+            causal_unequal_lengths=False,  # cuDNN's corner for L != S is unverified: refuse, never guess
+            min_cuda_capability=(8, 0),
+            max_cuda_capability=(12, 1),
+        )
+    }
 
     def extra_reasons(self, facts: CallFacts) -> list[str]:
         if facts.device_type != "cuda":
