@@ -56,6 +56,8 @@ FAMILIES: dict[str, tuple[str, dict, tuple[int, ...]]] = {
     "nest": ("nest_tiny", dict(img_size=64), (1, 3, 64, 64)),
     # L.attention2d.MultiQueryAttention2d: MQA, k/v with one head that broadcasts
     "mobilenetv4_hybrid": ("mobilenetv4_hybrid_medium", dict(), (1, 3, 64, 64)),
+    # L.attention2d.MultiQueryAttention2d in MobileNetV5 (MQA with kv stride), at a quarter of the width
+    "mobilenetv5": ("mobilenetv5_300m_enc", dict(channel_multiplier=0.25), (1, 3, 64, 64)),
     # M.xcit.XCA (A*: channel attention, scale=1) + M.cait.ClassAttn
     "xcit": ("xcit_nano_12_p16_224", dict(img_size=64, depth=2), (2, 3, 64, 64)),
     # M.cait.ClassAttn (q_len 1); its TalkingHeadAttn is manual (reported, not routed)
@@ -84,8 +86,8 @@ FAMILIES: dict[str, tuple[str, dict, tuple[int, ...]]] = {
 
 #: too big to build in the fast suite (294M parameters); run with -m slow
 SLOW_FAMILIES: dict[str, tuple[str, dict, tuple[int, ...]]] = {
-    # L.attention2d.MultiQueryAttention2d in MobileNetV5 (MQA, kv stride)
-    "mobilenetv5": ("mobilenetv5_300m_enc", dict(), (1, 3, 64, 64)),
+    # the full-width MobileNetV5 encoder
+    "mobilenetv5_full": ("mobilenetv5_300m_enc", dict(), (1, 3, 64, 64)),
 }
 
 

@@ -61,9 +61,9 @@ def test_cpu_flash_refuses_what_pytorch_refuses_with_reasons(kwargs, reason):
     assert tally.backend == "sdpa" and any(reason in r for r in dict(tally.tried)["sdpa_flash"])
 
 
-def test_pytorch_refusal_at_run_time_becomes_a_counted_fallback():
+def test_layout_refusal_at_run_time_becomes_a_counted_fallback():
     # A query whose last dim is not contiguous passes the declared limits (strides are not
-    # facts), but PyTorch's CPU flash kernel refuses it: the router must fall back, not crash.
+    # facts), but every fused kernel refuses it: the router must fall back, not crash.
     base = rand(2, 3, 8, 5)
     q = base.transpose(-1, -2)
     k = rand(2, 3, 5, 8)
@@ -71,10 +71,23 @@ def test_pytorch_refusal_at_run_time_becomes_a_counted_fallback():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, k))
     (tally,) = router.tallies()
     assert tally.backend == "sdpa"
-    assert "PyTorch refused" in dict(tally.tried)["sdpa_flash"][0]
+    assert "need the head dim contiguous" in dict(tally.tried)["sdpa_flash"][0]
     # the refusal is remembered for the signature: no second failed attempt
     router(q, k, k)
     assert tally.calls == 2
+
+
+def test_pytorch_no_available_kernel_becomes_a_refusal_with_its_reasons():
+    # a rule attnswap does not model (here a head dim of 1 with a non-unit stride, which the
+    # CPU flash kernel still refuses): PyTorch's own explanation becomes the reason
+    backend = get_backend("sdpa_flash")
+    q = rand(2, 3, 1, 5).transpose(-1, -2)  # head dim 1, stride 5
+    from attnswap.errors import BackendRefused
+
+    with pytest.raises(BackendRefused, match="PyTorch refused the call: .*stride"):
+        backend(q, q, q)
+    router, out = route("sdpa_flash", q, q, q, strict=False)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q))
 
 
 @pytest.mark.parametrize("backend", ["sdpa_efficient", "sdpa_cudnn"])

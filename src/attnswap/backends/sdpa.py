@@ -72,6 +72,7 @@ class PinnedSdpaBackend(Backend):
 
     kernel_name: str = ""
     _limits: dict[str, Limits] = {}
+    needs_unit_last_stride = True
 
     def limits(self, device_type: str) -> Limits | None:
         found = self._limits.get(device_type)
@@ -103,6 +104,18 @@ class PinnedSdpaBackend(Backend):
         if torch.compiler.is_compiling():
             with sdpa_kernel([self.sdp_backend]):
                 return F.scaled_dot_product_attention(query, key, value, **kwargs)
+        if self.needs_unit_last_stride:
+            # Every fused kernel wants the last dim contiguous (check_last_dim_stride_equals_1);
+            # XCiT's XCA and CPUBone/LowFormer pass transposed views. Refuse before PyTorch does
+            # (and warns), so the fallback is quiet and explained.
+            strides = [t.stride(-1) for t in (query, key, value) if t.size(-1) != 1]
+            if any(st != 1 for st in strides):
+                raise BackendRefused(
+                    f"query/key/value last-dim strides {tuple(t.stride(-1) for t in (query, key, value))}: "
+                    "fused kernels need the head dim contiguous (stride 1)"
+                )
+            if attn_mask is not None and query.is_cuda and attn_mask.size(-1) != 1 and attn_mask.stride(-1) != 1:
+                raise BackendRefused(f"attn_mask last-dim stride {attn_mask.stride(-1)}: fused CUDA kernels need 1")
         try:
             with sdpa_kernel([self.sdp_backend]):
                 return F.scaled_dot_product_attention(query, key, value, **kwargs)
@@ -130,6 +143,7 @@ def _strip_origin(message: str) -> str:
 class SdpaMathBackend(PinnedSdpaBackend):
     name = "sdpa_math"
     kernel_name = "MATH"
+    needs_unit_last_stride = False
     description = "SDPA pinned to the math kernel (PyTorch's reference; every feature)"
     accepts_everything = True
 
