@@ -201,8 +201,8 @@ def stats(model: torch.nn.Module, *, reset: bool = False) -> ModelStats:
                 calls[t.backend] = calls.get(t.backend, 0) + t.calls
             if t.traced:
                 traced[t.backend] = traced.get(t.backend, 0) + t.traced
-            if t.is_fallback and t.calls:
-                fallbacks.append(Fallback(t.backend, {name: tuple(r) for name, r in t.tried}, t.calls))
+            if t.is_fallback and (t.calls or t.traced):
+                fallbacks.append(Fallback(t.backend, {name: tuple(r) for name, r in t.tried}, t.calls, t.traced))
         out.append(SiteStats(path, router.site_class, router.policy.backend, calls, tuple(fallbacks), traced))
         if reset:
             router.reset_stats()

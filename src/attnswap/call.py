@@ -37,6 +37,8 @@ class CallFacts:
     scale: float | None = None
     enable_gqa: bool = False
     needs_grad: bool = False
+    #: the call is being traced into a torch.compile graph (decided once, at trace time)
+    in_graph: bool = False
 
     @property
     def ndim(self) -> int:
@@ -131,6 +133,8 @@ class CallFacts:
             parts.append("enable_gqa")
         if self.needs_grad:
             parts.append("needs grad")
+        if self.in_graph:
+            parts.append("inside torch.compile")
         return ", ".join(parts)
 
 

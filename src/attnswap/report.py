@@ -94,6 +94,8 @@ class Fallback:
     used: str
     refused: dict[str, tuple[str, ...]]
     calls: int
+    #: times this fallback was chosen while tracing a torch.compile graph
+    traced: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,8 @@ class ModelStats(list):
             if s.traced:
                 calls += " | compiled: " + ", ".join(f"{name} (traced {n}x)" for name, n in s.traced.items())
             why = "; ".join(
-                f"{f.calls} to {f.used}: " + "; ".join(f"{b}: {', '.join(r)}" for b, r in f.refused.items())
+                (f"{f.calls} to {f.used}" if f.calls else f"compiled to {f.used}")
+                + ": " + "; ".join(f"{b}: {', '.join(r)}" for b, r in f.refused.items())
                 for f in s.fallbacks
             )
             rows.append((s.path or "<root>", s.cls.rsplit(".", 1)[-1], s.backend, calls, why))

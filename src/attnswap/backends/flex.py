@@ -136,6 +136,10 @@ class FlexBackend(Backend):
                 out.append(f"flex_attention on CPU needs torch >= 2.6 (found {torch.__version__})")
             if not _cpp_compiler():
                 out.append("no C++ compiler found for inductor's CPU code (set CXX or install g++)")
+            if facts.in_graph and facts.has_mask:
+                # inductor's CPU flex lowering asserts when score_mod/mask_mod read a tensor computed
+                # inside the same graph (a bias from a rel-pos table, say): torch 2.14 limitation
+                out.append("attn_mask inside a torch.compile graph on CPU (inductor cannot lower it for flex)")
         elif facts.device_type == "cuda" and not _has_triton():
             out.append("flex_attention on CUDA needs triton (pip install triton)")
         return out
