@@ -11,12 +11,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import subprocess
 import sys
 import time
+
+from _results import write_json
 
 _COLD = """
 import time, timm, torch, attnswap
@@ -82,10 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cold_ms": statistics.median(cold) * 1e3, "warm_ms": statistics.median(warm) * 1e3,
         "unpatch_ms": statistics.median(unpatch) * 1e3,
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Tensors are tiny so the kernel's own time is small and the overhead is visible.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -31,6 +30,8 @@ from attnswap.backends.base import Limits
 from attnswap.backends.registry import _add
 from attnswap.backends.sdpa import SdpaBackend
 from attnswap.routing import Policy, Router
+
+from _results import write_json
 
 
 class KeyedSdpa(SdpaBackend):
@@ -159,10 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
             "patched_decision_path": stats["timm Attention, patched backend with limits (decision path)"][0] - base_mod,
         },
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

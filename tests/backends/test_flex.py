@@ -87,3 +87,21 @@ def test_flex_refuses_what_it_cannot_do_on_cpu(make, reason):
     assert any(reason in r for r in info.value.reasons["flex"]), info.value.reasons
     router, out = route(strict=False, **kwargs)
     assert [t.backend for t in router.tallies()] == ["sdpa"]
+
+
+def test_flex_refuses_masks_inside_compiled_cpu_graphs_and_missing_compiler(monkeypatch):
+    import dataclasses
+
+    from attnswap.backends import flex as flex_module
+    from attnswap.call import facts_of
+
+    q = f32(1, 2, 8, 16)
+    facts = facts_of(q, q, q, f32(2, 8, 8))
+    flex = get_backend("flex")
+    assert flex.reasons(facts)[0] == []
+    in_graph = flex.reasons(dataclasses.replace(facts, in_graph=True))[0]
+    assert any("inside a torch.compile graph on CPU" in r for r in in_graph)
+    assert flex.reasons(dataclasses.replace(facts_of(q, q, q, None, 0.0, True), in_graph=True))[0] == [], \
+        "causal and unmasked calls stay on flex inside a graph"
+    monkeypatch.setattr(flex_module, "_cpp_compiler", lambda: None)
+    assert any("no C++ compiler" in r for r in flex.reasons(facts)[0])

@@ -14,6 +14,7 @@ backward and no float64 (refused); on CUDA it needs Triton.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import shutil
 import threading
@@ -187,6 +188,7 @@ class FlexBackend(Backend):
         return len(self._compiled)
 
 
+@functools.lru_cache(maxsize=None)
 def _cpp_compiler() -> str | None:
     for name in filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++")):
         found = shutil.which(name)
@@ -195,6 +197,7 @@ def _cpp_compiler() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
