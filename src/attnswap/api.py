@@ -21,7 +21,7 @@ logger = logging.getLogger("attnswap")
 
 DEFAULT_FALLBACK = ("sdpa",)
 _surgery_lock = threading.RLock()
-_MANUAL_NOTE = "computes softmax attention by hand; only SDPA calls are routed in this version"
+_SOFTMAX_NOTE = "computes a softmax, but not over q·kᵀ scores that feed a product with v: not an attention site"
 
 
 def _check_model(model: object) -> torch.nn.Module:
@@ -97,8 +97,9 @@ def patch(
         sites: list[SiteReport] = []
         for c in found:
             label = class_label(c.cls)
-            if c.rewrite is None:
-                sites.append(SiteReport(c.path, label, MANUAL, reason=_MANUAL_NOTE))
+            if c.rewrite is None or c.rewrite.left_alone:
+                note = c.rewrite.left_alone if c.rewrite is not None else _SOFTMAX_NOTE
+                sites.append(SiteReport(c.path, label, MANUAL, reason=note))
                 continue
             problem = c.rewrite.problem or check_installable(c.module, c.rewrite)
             if problem:
@@ -115,7 +116,9 @@ def patch(
             router = Router(policy, site=c.path, site_class=class_label(c.cls))
             install(c.module, c.rewrite, router)
             flags = tuple(router.saved_flags)
-            sites.append(SiteReport(c.path, class_label(c.cls), PATCHED, c.rewrite.calls, flags))
+            sites.append(
+                SiteReport(c.path, class_label(c.cls), PATCHED, c.rewrite.calls, flags, how=c.rewrite.how, products=c.rewrite.products)
+            )
     order = {c.path: i for i, c in enumerate(found)}
     sites.sort(key=lambda s: order.get(s.path, 0))
     if unavailable and plan:
@@ -203,7 +206,9 @@ def stats(model: torch.nn.Module, *, reset: bool = False) -> ModelStats:
                 traced[t.backend] = traced.get(t.backend, 0) + t.traced
             if t.is_fallback and (t.calls or t.traced):
                 fallbacks.append(Fallback(t.backend, {name: tuple(r) for name, r in t.tried}, t.calls, t.traced))
-        out.append(SiteStats(path, router.site_class, router.policy.backend, calls, tuple(fallbacks), traced))
+        out.append(
+            SiteStats(path, router.site_class, router.policy.backend, calls, tuple(fallbacks), traced, dict(router.unrouted))
+        )
         if reset:
             router.reset_stats()
     return out

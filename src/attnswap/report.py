@@ -22,6 +22,10 @@ class SiteReport:
     sdpa_calls: int = 0
     flags: tuple[str, ...] = ()
     reason: str = ""
+    #: how the site is reached: "SDPA call", "hand-written", "nn.MultiheadAttention"
+    how: str = ""
+    #: hand-written ``q @ kᵀ`` products deferred to the router
+    products: int = 0
 
     @property
     def name(self) -> str:
@@ -51,7 +55,7 @@ class PatchReport:
 
     def _rows(self) -> list[tuple]:
         return [
-            (s.name, s.cls.rsplit(".", 1)[-1], s.status, s.sdpa_calls or "", ", ".join(f"{f}=True" for f in s.flags), s.reason)
+            (s.name, s.cls.rsplit(".", 1)[-1], s.status, s.how, ", ".join(f"{f}=True" for f in s.flags), s.reason)
             for s in self.sites
         ]
 
@@ -71,11 +75,11 @@ class PatchReport:
 
     def __str__(self) -> str:
         return render_table(
-            self._title(), ("site", "class", "status", "SDPA calls", "flags set", "note"), self._rows(), self._caption()
+            self._title(), ("site", "class", "status", "reached by", "flags set", "note"), self._rows(), self._caption()
         )
 
     def __rich__(self):
-        return build_table(self._title(), ("site", "class", "status", "SDPA calls", "flags set", "note"), self._rows(), self._caption())
+        return build_table(self._title(), ("site", "class", "status", "reached by", "flags set", "note"), self._rows(), self._caption())
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +110,8 @@ class SiteStats:
     calls: dict[str, int] = field(default_factory=dict)
     fallbacks: tuple[Fallback, ...] = ()
     traced: dict[str, int] = field(default_factory=dict)
+    #: hand-written attention the module computed with its own code instead, by why
+    unrouted: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_calls(self) -> int:
@@ -134,6 +140,11 @@ class ModelStats(list):
     def fallback_calls(self) -> int:
         return sum(s.fallback_calls for s in self)
 
+    @property
+    def unrouted_calls(self) -> int:
+        """Hand-written attentions that the module's own code computed (not routed)."""
+        return sum(sum(s.unrouted.values()) for s in self)
+
     def _rows(self) -> list[tuple]:
         rows = []
         for s in self:
@@ -145,6 +156,8 @@ class ModelStats(list):
                 + ": " + "; ".join(f"{b}: {', '.join(r)}" for b, r in f.refused.items())
                 for f in s.fallbacks
             )
+            if s.unrouted:
+                why = "; ".join(filter(None, [why, *(f"{n} computed by the module itself: {r}" for r, n in s.unrouted.items())]))
             rows.append((s.path or "<root>", s.cls.rsplit(".", 1)[-1], s.backend, calls, why))
         return rows
 

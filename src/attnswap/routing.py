@@ -166,6 +166,8 @@ class Router:
         #: instance attributes patching changed, for unpatch: name -> (was in __dict__, old value)
         self.saved_flags: dict[str, tuple[bool, Any]] = {}
         self._tallies: dict[tuple, Tally] = {}
+        #: hand-written attention the module computed itself, by why (see surgery.scores)
+        self.unrouted: dict[str, int] = {}
         self._lock = threading.Lock()
         self._register_token()
         self._reset()
@@ -190,6 +192,7 @@ class Router:
             "site_class": self.site_class,
             "saved_flags": self.saved_flags,
             "tallies": list(self._tallies.values()),
+            "unrouted": dict(self.unrouted),
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -198,6 +201,7 @@ class Router:
         self.site_class = state["site_class"]
         self.saved_flags = state["saved_flags"]
         self._tallies = {(t.backend, t.tried): t for t in state["tallies"]}
+        self.unrouted = dict(state.get("unrouted", {}))
         self._lock = threading.Lock()
         self._register_token()
         self._reset()
@@ -219,6 +223,11 @@ class Router:
         for t in self._tallies.values():
             t.calls = 0
             t.traced = 0
+        self.unrouted.clear()
+
+    def note_settled(self, why: str) -> None:
+        """A hand-written attention's scores were computed by the module's own code (counted)."""
+        self.unrouted[why] = self.unrouted.get(why, 0) + 1
 
     # -- the hot path ----------------------------------------------------------------------
     def route(

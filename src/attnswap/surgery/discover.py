@@ -9,6 +9,7 @@ from typing import Iterator, Sequence, Union
 import torch
 
 from ..errors import AttnSwapError
+from .manual import class_label
 from .reroute import ClassRewrite, _is_torch_class, analyze, original_class
 
 Selector = Union[str, type]
@@ -19,11 +20,8 @@ class Candidate:
     path: str
     module: torch.nn.Module
     cls: type
-    rewrite: ClassRewrite | None  # None: a module that computes softmax by hand (reported, not routed)
-
-
-def class_label(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+    #: None: a module that computes softmax, but not as an attention attnswap follows (reported, not routed)
+    rewrite: ClassRewrite | None
 
 
 def _normalize(selectors: Selector | Sequence[Selector] | None, what: str) -> list[Selector] | None:
@@ -69,7 +67,7 @@ def candidates(
     include: Selector | Sequence[Selector] | None = None,
     exclude: Selector | Sequence[Selector] | None = None,
 ) -> Iterator[Candidate]:
-    """Every module of ``model`` that calls SDPA (or computes softmax by hand) and is selected."""
+    """Every selected module of ``model`` that calls SDPA, computes attention by hand, or has a softmax."""
     inc = _normalize(include, "include")
     exc = _normalize(exclude, "exclude")
     for path, module in model.named_modules():

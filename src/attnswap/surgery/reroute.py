@@ -14,8 +14,6 @@ patched instances (``parametrize``-style), so unpatching is just restoring ``__c
 from __future__ import annotations
 
 import ast
-import inspect
-import textwrap
 import threading
 import types
 from dataclasses import dataclass, field
@@ -25,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import ROUTE_METHOD, ROUTER_ATTR
+from . import manual
+from .source import NotRewritable, compile_like, local_names, parse_method, resolve, self_name
 
 SDPA = F.scaled_dot_product_attention
 _SDPA_NAME = "scaled_dot_product_attention"
@@ -41,14 +41,23 @@ class ClassRewrite:
     gate_flags: tuple[str, ...] = ()
     #: why the class cannot be rerouted (then ``methods`` is empty)
     problem: str | None = None
+    #: ``q @ kᵀ`` products of hand-written attention deferred to the router (see :mod:`.manual`)
+    products: int = 0
+    #: why a softmax attention of the class is deliberately left alone (not an error)
+    left_alone: str | None = None
+
+    @property
+    def how(self) -> str:
+        parts = []
+        if self.calls:
+            parts.append("SDPA call")
+        if self.products:
+            parts.append("hand-written")
+        return " + ".join(parts)
 
     @property
     def routable(self) -> bool:
         return self.problem is None and bool(self.methods)
-
-
-class _NotRewritable(Exception):
-    pass
 
 
 _cache: dict[type, ClassRewrite | None] = {}
@@ -86,7 +95,7 @@ def _plain_function(attr: Any) -> Callable | None:
 
 
 def analyze(cls: type) -> ClassRewrite | None:
-    """How to reroute ``cls``, or None when no method of it mentions SDPA. Cached per class."""
+    """How to reroute ``cls``, or None when it computes no attention. Cached per class."""
     with _cache_lock:
         if cls in _cache:
             return _cache[cls]
@@ -95,9 +104,8 @@ def analyze(cls: type) -> ClassRewrite | None:
         return result
 
 
-def _analyze(cls: type) -> ClassRewrite | None:
+def _methods(cls: type):
     seen: set[str] = set()
-    candidates: list[tuple[str, Any, Callable]] = []
     for klass in cls.__mro__:
         if _is_torch_class(klass):
             continue
@@ -106,79 +114,68 @@ def _analyze(cls: type) -> ClassRewrite | None:
                 continue
             seen.add(name)
             fn = _plain_function(attr)
-            if fn is None:
-                continue
-            inner = fn
-            while inner is not None:  # look through decorators that wrap (functools.wraps)
-                mentions = frozenset({_SDPA_NAME}) | _sdpa_aliases(inner.__globals__)
-                if _code_mentions(inner.__code__, mentions):
-                    if inner is not fn:
-                        return ClassRewrite(
-                            cls,
-                            problem=f"{cls.__qualname__}.{name}: it is wrapped by a decorator; rewriting would drop it",
-                        )
-                    candidates.append((name, attr, fn))
-                    break
-                inner = getattr(inner, "__wrapped__", None)
-    if not candidates:
-        return None
+            if fn is not None:
+                yield name, attr, fn
+
+
+def _mentions_softmax(code: types.CodeType) -> bool:
+    if any("softmax" in n.lower() for n in code.co_names):
+        return True
+    return any(isinstance(c, types.CodeType) and _mentions_softmax(c) for c in code.co_consts)
+
+
+def _analyze(cls: type) -> ClassRewrite | None:
+    reason = manual.left_alone(cls)
+    if reason is not None:
+        return ClassRewrite(cls, left_alone=reason)
+    sdpa_methods: list[tuple[str, Any, Callable]] = []
+    softmax_methods: list[tuple[str, Any, Callable]] = []
+    for name, attr, fn in _methods(cls):
+        inner = fn
+        while inner is not None:  # look through decorators that wrap (functools.wraps)
+            mentions = frozenset({_SDPA_NAME}) | _sdpa_aliases(inner.__globals__)
+            if _code_mentions(inner.__code__, mentions) or _mentions_softmax(inner.__code__):
+                if inner is not fn:
+                    return ClassRewrite(
+                        cls, problem=f"{cls.__qualname__}.{name}: it is wrapped by a decorator; rewriting would drop it"
+                    )
+                if _code_mentions(fn.__code__, mentions):
+                    sdpa_methods.append((name, attr, fn))
+                else:
+                    softmax_methods.append((name, attr, fn))
+                break
+            inner = getattr(inner, "__wrapped__", None)
     methods: dict[str, Callable] = {}
-    calls = 0
+    calls = products = 0
     flags: list[str] = []
-    for name, attr, fn in candidates:
+    not_followed: str | None = None
+    for name, attr, fn in sdpa_methods:
         try:
             found = _rewrite(fn, is_method=isinstance(attr, types.FunctionType))
-        except _NotRewritable as exc:
+        except NotRewritable as exc:
             return ClassRewrite(cls, problem=f"{cls.__qualname__}.{name}: {exc}")
         if found is None:
-            continue  # mentions the name, but it is not SDPA (a method of the same name, say)
+            softmax_methods.append((name, attr, fn))  # mentions the name, but it is not SDPA
+            continue
         new_fn, n_calls, gates = found
         methods[name] = new_fn
         calls += n_calls
         flags.extend(g for g in gates if g not in flags)
+    for name, attr, fn in softmax_methods:
+        if not _mentions_softmax(fn.__code__):
+            continue
+        try:
+            found_manual = manual.rewrite_manual(fn, is_method=isinstance(attr, types.FunctionType))
+        except NotRewritable as exc:
+            found_manual = str(exc)
+        if isinstance(found_manual, str):
+            not_followed = not_followed or f"{cls.__qualname__}.{name}: {found_manual}"
+        elif found_manual is not None:
+            methods[name], n_products = found_manual
+            products += n_products
     if not methods:
-        return None
-    return ClassRewrite(cls, methods=methods, calls=calls, gate_flags=tuple(flags))
-
-
-def _resolve(node: ast.expr, fn: Callable, local_names: set[str]) -> Any:
-    """The object a ``Name``/``Attribute`` chain refers to, if it is fixed (module-level)."""
-    missing = _Missing
-    if isinstance(node, ast.Name):
-        if node.id in local_names:
-            return missing
-        code = fn.__code__
-        if node.id in code.co_freevars and fn.__closure__ is not None:
-            try:
-                return fn.__closure__[code.co_freevars.index(node.id)].cell_contents
-            except ValueError:
-                return missing
-        if node.id in fn.__globals__:
-            return fn.__globals__[node.id]
-        builtins = fn.__globals__.get("__builtins__", {})
-        if isinstance(builtins, types.ModuleType):
-            builtins = vars(builtins)
-        return builtins.get(node.id, missing)
-    if isinstance(node, ast.Attribute):
-        base = _resolve(node.value, fn, local_names)
-        if base is missing or not isinstance(base, (types.ModuleType, type)):
-            return missing
-        return getattr(base, node.attr, missing)
-    return missing
-
-
-class _Missing:
-    pass
-
-
-def _local_names(tree: ast.AST) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.arg):
-            names.add(node.arg)
-        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
-            names.add(node.id)
-    return names
+        return ClassRewrite(cls, left_alone=not_followed) if not_followed else None
+    return ClassRewrite(cls, methods=methods, calls=calls, gate_flags=tuple(flags), products=products)
 
 
 class _Rewriter(ast.NodeTransformer):
@@ -192,7 +189,7 @@ class _Rewriter(ast.NodeTransformer):
         self._branch: list[tuple[ast.If, str]] = []
 
     def _is_sdpa(self, node: ast.expr) -> bool:
-        return isinstance(node, (ast.Name, ast.Attribute)) and _resolve(node, self.fn, self.local_names) is SDPA
+        return isinstance(node, (ast.Name, ast.Attribute)) and resolve(node, self.fn, self.local_names) is SDPA
 
     def visit_If(self, node: ast.If) -> ast.AST:
         node.test = self.visit(node.test)
@@ -208,7 +205,7 @@ class _Rewriter(ast.NodeTransformer):
         node.args = [self.visit(a) for a in node.args]
         node.keywords = [self.visit(k) for k in node.keywords]
         if self.self_name is None:
-            raise _NotRewritable("calls scaled_dot_product_attention outside an instance method, no router to reach")
+            raise NotRewritable("calls scaled_dot_product_attention outside an instance method, no router to reach")
         self.calls += 1
         self._note_gates()
         router = ast.Attribute(value=ast.Name(id=self.self_name, ctx=ast.Load()), attr=ROUTER_ATTR, ctx=ast.Load())
@@ -244,69 +241,16 @@ class _Rewriter(ast.NodeTransformer):
 
 
 def _rewrite(fn: Callable, *, is_method: bool) -> tuple[Callable, int, list[str]] | None:
-    try:
-        source = textwrap.dedent(inspect.getsource(fn))
-    except (OSError, TypeError) as exc:
-        raise _NotRewritable(f"its source is not available ({exc})") from None
-    try:
-        tree = ast.parse(source)
-    except SyntaxError as exc:
-        raise _NotRewritable(f"its source does not parse on its own ({exc.msg})") from None
-    funcdef = tree.body[0] if tree.body else None
-    if not isinstance(funcdef, (ast.FunctionDef, ast.AsyncFunctionDef)) or funcdef.name != fn.__name__:
-        raise _NotRewritable("its source is not a plain `def` (a lambda or generated function)")
-    if not is_method:  # its @staticmethod/@classmethod line is not part of the function
-        funcdef.decorator_list = [
-            d for d in funcdef.decorator_list if not (isinstance(d, ast.Name) and d.id in ("staticmethod", "classmethod"))
-        ]
-    if funcdef.decorator_list:
-        raise _NotRewritable("it is decorated; rewriting would drop the decorator")
-    args = funcdef.args.posonlyargs + funcdef.args.args
-    self_name = args[0].arg if (is_method and args) else None
-    rewriter = _Rewriter(fn, self_name, _local_names(funcdef))
+    funcdef = parse_method(fn, is_method=is_method)
+    rewriter = _Rewriter(fn, self_name(funcdef, is_method=is_method), local_names(funcdef))
     funcdef = rewriter.visit(funcdef)
     if rewriter.stray:
-        raise _NotRewritable(
+        raise NotRewritable(
             f"uses {rewriter.stray[0]} other than by calling it (stored or passed on), so its calls cannot be rerouted"
         )
     if rewriter.calls == 0:
         return None
-    return _compile_like(fn, funcdef), rewriter.calls, rewriter.gates
-
-
-def _compile_like(fn: Callable, funcdef: ast.FunctionDef) -> Callable:
-    """Compile ``funcdef`` into a function with ``fn``'s globals, closure cells, defaults and line numbers."""
-    code = fn.__code__
-    ast.increment_lineno(funcdef, code.co_firstlineno - 1)
-    factory = ast.FunctionDef(
-        name="__attnswap_factory__",
-        args=ast.arguments(
-            posonlyargs=[], args=[ast.arg(arg=name) for name in code.co_freevars], vararg=None,
-            kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[],
-        ),
-        body=[funcdef, ast.copy_location(ast.Return(value=ast.Name(id=funcdef.name, ctx=ast.Load())), funcdef)],
-        decorator_list=[],
-        returns=None,
-        type_comment=None,
-        **({"type_params": []} if "type_params" in ast.FunctionDef._fields else {}),
-    )
-    ast.copy_location(factory, funcdef)
-    module = ast.Module(body=[factory], type_ignores=[])
-    ast.fix_missing_locations(module)
-    compiled = compile(module, code.co_filename, "exec", dont_inherit=True)
-    factory_code = next(c for c in compiled.co_consts if isinstance(c, types.CodeType))
-    new_code = next(c for c in factory_code.co_consts if isinstance(c, types.CodeType) and c.co_name == fn.__name__)
-    cells = dict(zip(code.co_freevars, fn.__closure__ or ()))
-    closure = tuple(cells[name] for name in new_code.co_freevars)
-    new_fn = types.FunctionType(new_code, fn.__globals__, fn.__name__, fn.__defaults__, closure or None)
-    new_fn.__kwdefaults__ = fn.__kwdefaults__
-    new_fn.__qualname__ = fn.__qualname__
-    new_fn.__module__ = fn.__module__
-    new_fn.__doc__ = fn.__doc__
-    new_fn.__annotations__ = dict(getattr(fn, "__annotations__", {}))
-    new_fn.__dict__.update(fn.__dict__)
-    new_fn.__attnswap_original__ = fn  # type: ignore[attr-defined]
-    return new_fn
+    return compile_like(fn, funcdef), rewriter.calls, rewriter.gates
 
 
 # -- generated subclasses --------------------------------------------------------------------

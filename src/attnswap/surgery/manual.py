@@ -1,0 +1,300 @@
+"""Hand-written attention sites: find ``q @ kᵀ`` products that feed a softmax, and defer them.
+
+A method is a hand-written attention when a softmax's input depends (through assignments,
+in source order) on a matrix product it computes: ``attn = q @ k.transpose(-2, -1)``, scaled,
+biased, viewed and masked by any code, then ``attn.softmax(-1)`` / ``F.softmax`` /
+``self.softmax(attn)``. Only those products are rewritten, to
+``__attnswap_mm__(self, a, b)``, which returns a :class:`~.scores.Scores` that follows the
+rest of the module's own code and becomes the router call at ``@ v`` (see :mod:`.scores`).
+A ``forward`` also settles anything symbolic it would return, so callers always get tensors.
+
+Why not ``torch.fx``: tracing a whole ``forward`` bakes in what should stay live and breaks
+on ordinary timm code. Measured on timm 1.0.31: tracing LeViT's attention in eval mode writes
+a ``"Proxy(getattr_2)"`` key into the module's own bias cache (``str(device)`` of a proxy);
+Swin v2-cr's trace takes the ``mask is not None`` branch for every call, mask or not; MViTv2
+does not trace at all (``TraceError``: shapes used in control flow). Rewriting only the
+product keeps every other line the module's own, read at call time, so there is nothing to
+guard or retrace.
+
+Classes that compute softmax attention that no single SDPA call expresses are listed in
+:data:`NOT_EXPRESSIBLE` and left alone; so are softmaxes that are not attention
+(:data:`NOT_ATTENTION`). Functions known to *add* a bias to the scores they are given (and
+write it in place, which the symbolic scores cannot follow) are in :data:`ADDITIVE`: their
+calls are rewritten so the bias is computed from zeros and added.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib
+import operator
+from typing import Any, Callable
+
+import torch
+
+from ..routing import ROUTER_ATTR
+from .scores import Lazy, additive, scores_or_product
+from .source import Missing, compile_like, local_names, parse_method, resolve, self_name
+
+#: classes with softmax attention that one SDPA call cannot compute: left alone, with the reason
+NOT_EXPRESSIBLE: dict[str, str] = {
+    "timm.models.cait.TalkingHeadAttn": (
+        "talking-head attention mixes heads with a Linear before and after the softmax; "
+        "no attention kernel takes that (an exact rewrite costs heads x the compute)"
+    ),
+    "timm.models.efficientformer_v2.Attention2d": (
+        "talking-head attention: 1x1 convolutions mix heads before and after the softmax; no attention kernel takes that"
+    ),
+    "timm.models.volo.OutlookAttention": (
+        "outlook attention has no q·kᵀ: its weights come from a Linear over pooled features, then fold"
+    ),
+}
+
+#: softmaxes over something other than q·kᵀ scores (or degenerate ones): never touched
+NOT_ATTENTION: dict[str, str] = {
+    "timm.models.csatv2.SpatialTransformerBlock": (
+        "its q/k/v are (batch, features), so the softmax runs over the batch axis, and a LayerNorm(1) makes them "
+        "constant: not an attention over tokens"
+    ),
+}
+
+#: functions that return ``scores + g(...)`` (written in place into a slice of ``scores``)
+ADDITIVE: tuple[str, ...] = ("timm.models.mvitv2.cal_rel_pos_type",)
+
+MM_HELPER = "__attnswap_mm__"
+ADDITIVE_HELPER = "__attnswap_additive__"
+SETTLE_HELPER = "__attnswap_settle__"
+
+
+def _mm(module: torch.nn.Module, a: Any, b: Any, bmm: bool = False) -> Any:
+    return scores_or_product(module.__dict__.get(ROUTER_ATTR), a, b, torch.bmm if bmm else operator.matmul)
+
+
+def _additive(module: torch.nn.Module, fn: Callable, scores: Any, *args: Any, **kwargs: Any) -> Any:
+    return additive(module.__dict__.get(ROUTER_ATTR), fn, scores, *args, **kwargs)
+
+
+def _settle(value: Any) -> Any:
+    if isinstance(value, Lazy):
+        return value.settle("returned from forward")
+    if type(value) in (tuple, list) and any(isinstance(v, Lazy) for v in value):
+        return type(value)(_settle(v) for v in value)
+    return value
+
+
+HELPERS: dict[str, Any] = {MM_HELPER: _mm, ADDITIVE_HELPER: _additive, SETTLE_HELPER: _settle}
+
+
+@functools.lru_cache(maxsize=None)
+def _additive_functions() -> tuple[Callable, ...]:
+    found = []
+    for dotted in ADDITIVE:
+        module_name, _, name = dotted.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module_name), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def class_label(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def left_alone(cls: type) -> str | None:
+    """Why instances of ``cls`` are deliberately not routed, or None."""
+    for klass in cls.__mro__:
+        label = class_label(klass)
+        if label in NOT_EXPRESSIBLE:
+            return NOT_EXPRESSIBLE[label]
+        if label in NOT_ATTENTION:
+            return NOT_ATTENTION[label]
+    return None
+
+
+class _Products:
+    """Which matrix products (and einsums) a method computes, and which of them feed a softmax."""
+
+    def __init__(self, fn: Callable, self_arg: str | None, names: set[str]) -> None:
+        self.fn, self.self_arg, self.local_names = fn, self_arg, names
+        self.taint: dict[str, frozenset[int]] = {}
+        self.products: dict[int, ast.AST] = {}
+        self.einsums: set[int] = set()
+        self.feeding: set[int] = set()
+
+    def _resolved(self, node: ast.expr) -> Any:
+        return resolve(node, self.fn, self.local_names)
+
+    def product_kind(self, node: ast.AST) -> str | None:
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.MatMult):
+            return "matmul"
+        if isinstance(node, ast.Call) and len(node.args) == 2 and not node.keywords:
+            target = self._resolved(node.func)
+            if target is torch.matmul:
+                return "matmul"
+            if target is torch.bmm:
+                return "bmm"
+        if isinstance(node, ast.Call) and self._resolved(node.func) is torch.einsum:
+            return "einsum"
+        return None
+
+    def softmax_input(self, node: ast.AST) -> ast.expr | None:
+        if not isinstance(node, ast.Call):
+            return None
+        func = node.func
+        target = self._resolved(func)
+        if target in (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax):
+            return node.args[0] if node.args else None
+        if isinstance(func, ast.Attribute) and target is Missing:
+            if isinstance(func.value, ast.Name) and func.value.id == self.self_arg:
+                # self.softmax(attn): an nn.Softmax submodule
+                return node.args[0] if "softmax" in func.attr.lower() and node.args else None
+            if func.attr == "softmax":
+                return func.value
+        return None
+
+    def sources(self, expr: ast.AST) -> frozenset[int]:
+        found: set[int] = set()
+        for node in ast.walk(expr):
+            kind = self.product_kind(node)
+            if kind is not None:
+                self.products[id(node)] = node
+                if kind == "einsum":
+                    self.einsums.add(id(node))
+                found.add(id(node))
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                found |= self.taint.get(node.id, frozenset())
+        return frozenset(found)
+
+    def _assign(self, target: ast.AST, sources: frozenset[int], augment: bool) -> None:
+        if isinstance(target, ast.Name):
+            self.taint[target.id] = (self.taint.get(target.id, frozenset()) | sources) if augment else sources
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            for elt in target.elts:
+                self._assign(elt, sources, augment)
+        elif isinstance(target, ast.Starred):
+            self._assign(target.value, sources, augment)
+        elif isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name):
+            # attn[...] = expr: the array now also depends on expr
+            self._assign(target.value, sources, True)
+
+    def statement(self, stmt: ast.stmt) -> None:
+        for node in ast.walk(stmt):
+            inp = self.softmax_input(node)
+            if inp is not None:
+                self.feeding |= self.sources(inp)
+        if isinstance(stmt, ast.Assign):
+            src = self.sources(stmt.value)
+            for target in stmt.targets:
+                self._assign(target, src, False)
+        elif isinstance(stmt, (ast.AugAssign, ast.AnnAssign)) and stmt.value is not None:
+            self._assign(stmt.target, self.sources(stmt.value), isinstance(stmt, ast.AugAssign))
+        elif isinstance(stmt, (ast.For, ast.AsyncFor)):
+            self._assign(stmt.target, self.sources(stmt.iter), False)
+        # a loop body runs twice, so it sees what its previous iteration assigned
+        passes = 2 if isinstance(stmt, (ast.For, ast.AsyncFor, ast.While)) else 1
+        for _ in range(passes):
+            for block in ("body", "orelse", "finalbody", "handlers"):
+                for child in getattr(stmt, block, None) or ():
+                    if isinstance(child, ast.ExceptHandler):
+                        for s in child.body:
+                            self.statement(s)
+                    elif isinstance(child, ast.stmt) and not isinstance(child, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                        self.statement(child)
+
+    def run(self, funcdef: ast.FunctionDef) -> None:
+        for stmt in funcdef.body:
+            self.statement(stmt)
+
+
+class _Rewriter(ast.NodeTransformer):
+    def __init__(self, products: _Products, rewrite: set[int], is_forward: bool) -> None:
+        self.p = products
+        self.rewrite = rewrite
+        self.is_forward = is_forward
+        self.count = 0
+        self.additive = 0
+        self._depth = 0
+
+    def _self(self) -> ast.Name:
+        return ast.Name(id=self.p.self_arg, ctx=ast.Load())
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:
+        self._depth += 1
+        try:
+            return self.generic_visit(node)
+        finally:
+            self._depth -= 1
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+    visit_Lambda = visit_FunctionDef
+
+    def visit_Return(self, node: ast.Return) -> ast.AST:
+        self.generic_visit(node)
+        if self.is_forward and self._depth == 1 and node.value is not None:
+            node.value = ast.copy_location(
+                ast.Call(func=ast.Name(id=SETTLE_HELPER, ctx=ast.Load()), args=[node.value], keywords=[]), node.value
+            )
+        return node
+
+    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+        key = id(node)
+        self.generic_visit(node)
+        if key in self.rewrite:
+            self.count += 1
+            return ast.copy_location(
+                ast.Call(func=ast.Name(id=MM_HELPER, ctx=ast.Load()), args=[self._self(), node.left, node.right], keywords=[]),
+                node,
+            )
+        return node
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        key = id(node)
+        kind = self.p.product_kind(node) if key in self.rewrite else None
+        is_additive = self._is_additive(node)
+        self.generic_visit(node)
+        if kind in ("matmul", "bmm"):
+            self.count += 1
+            extra = [ast.Constant(value=True)] if kind == "bmm" else []
+            return ast.copy_location(
+                ast.Call(func=ast.Name(id=MM_HELPER, ctx=ast.Load()), args=[self._self(), *node.args, *extra], keywords=[]),
+                node,
+            )
+        if is_additive:
+            self.additive += 1
+            return ast.copy_location(
+                ast.Call(
+                    func=ast.Name(id=ADDITIVE_HELPER, ctx=ast.Load()),
+                    args=[self._self(), node.func, *node.args],
+                    keywords=node.keywords,
+                ),
+                node,
+            )
+        return node
+
+    def _is_additive(self, node: ast.Call) -> bool:
+        if not node.args or any(isinstance(a, ast.Starred) for a in node.args[:1]):
+            return False
+        target = self.p._resolved(node.func)
+        return any(target is fn for fn in _additive_functions())
+
+
+def rewrite_manual(fn: Callable, *, is_method: bool) -> tuple[Callable, int] | str | None:
+    """``fn`` with its softmax-feeding products deferred, and how many; or a reason it cannot be
+    (a string); or None when ``fn`` computes no hand-written attention."""
+    funcdef = parse_method(fn, is_method=is_method)
+    self_arg = self_name(funcdef, is_method=is_method)
+    products = _Products(fn, self_arg, local_names(funcdef))
+    products.run(funcdef)
+    if not products.feeding:
+        return None
+    einsum_only = products.feeding <= products.einsums
+    rewrite = products.feeding - products.einsums
+    if not rewrite:
+        return "computes attention with torch.einsum, which attnswap does not follow" if einsum_only else None
+    if self_arg is None:
+        return "computes attention outside an instance method, so there is no router to reach"
+    rewriter = _Rewriter(products, rewrite, is_forward=fn.__name__ == "forward")
+    funcdef = rewriter.visit(funcdef)
+    return compile_like(fn, funcdef, HELPERS), rewriter.count

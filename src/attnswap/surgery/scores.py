@@ -1,0 +1,635 @@
+"""Hand-written attention, routed: attention scores that stay symbolic until ``@ v``.
+
+A module that computes ``softmax(q @ kᵀ · scale + bias) @ v`` by hand has its ``q @ kᵀ``
+rewritten (see :mod:`.manual`) to return a :class:`Scores` object instead of the product.
+That object records two things about everything the module's own code then does to it:
+
+- a **replay**: the exact operations, so that the tensor the module would have computed can
+  be produced bit for bit whenever the algebra below cannot follow (``settle``);
+- a **symbolic form**, while the operations keep it an attention: ``q``, ``k``, a scale (a
+  number, or a per-row tensor folded into ``q``), additive biases (also added in a
+  temporary ``view``, like Swin's shift mask), then ``softmax`` over the last dim, dropout,
+  a transpose, and a linear mix with other tensors (ConViT's gated positional attention).
+
+When the probabilities meet ``@ v`` in symbolic form, the product is the site's router
+call: ``route(q, k, v, attn_mask=bias, dropout_p, scale)``. Any other use (a talking-head
+mix, an in-place write, a dtype change, an op we do not model) settles the object with its
+replay, so the module computes exactly what it always did and the router counts why.
+
+Everything runs at call time, in the module's own code: ``self.training``, ``attn_drop.p``,
+window sizes and masks are read live, so nothing can go stale.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_map
+
+_Tensor = torch.Tensor
+_SOFTMAX_FUNCS = frozenset({F.softmax, torch.softmax, _Tensor.softmax})
+_MATMUL_FUNCS = frozenset({torch.matmul, _Tensor.matmul, _Tensor.__matmul__, _Tensor.__rmatmul__, torch.bmm, _Tensor.bmm})
+_TENSOR_BINARY: dict[Callable, Callable] = {
+    _Tensor.__add__: operator.add, torch.add: operator.add, _Tensor.add: operator.add,
+    _Tensor.__sub__: operator.sub, torch.sub: operator.sub, _Tensor.sub: operator.sub,
+    _Tensor.__mul__: operator.mul, torch.mul: operator.mul, _Tensor.mul: operator.mul,
+    _Tensor.__truediv__: operator.truediv, torch.div: operator.truediv, _Tensor.div: operator.truediv,
+    _Tensor.__matmul__: operator.matmul, torch.matmul: operator.matmul, _Tensor.matmul: operator.matmul,
+}
+
+def _settled(x: Any) -> Any:
+    return x.settle() if isinstance(x, Lazy) else x
+
+
+def _is_plain_tensor(x: Any) -> bool:
+    return type(x) is _Tensor or type(x) is torch.nn.Parameter
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _infer_shape(current: tuple[int, ...], shape: tuple) -> tuple[int, ...] | None:
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = tuple(shape[0])
+    if not all(isinstance(s, int) for s in shape):
+        return None
+    numel = math.prod(current)
+    if shape.count(-1) > 1:
+        return None
+    if -1 in shape:
+        rest = math.prod(s for s in shape if s != -1)
+        if rest == 0 or numel % rest:
+            return None
+        shape = tuple(numel // rest if s == -1 else s for s in shape)
+    return tuple(shape) if math.prod(shape) == numel else None
+
+
+def _unview_bias(bias: _Tensor, viewed: tuple[int, ...], base: tuple[int, ...]) -> _Tensor | None:
+    """``bias`` (broadcastable to ``viewed``) as a tensor broadcastable to ``base``.
+
+    ``viewed`` and ``base`` are two shapes of the same scores; their dims are matched in
+    groups of equal product. A group where the bias is all size-1 stays size 1; any other
+    group is expanded and merged. So Swin's ``(B·nW, H, N, N)`` viewed as ``(B, nW, H, N, N)``
+    with a ``(1, nW, 1, N, N)`` shift mask gives a ``(B·nW, 1, N, N)`` bias, not one per head.
+    """
+    bias = bias.reshape((1,) * (len(viewed) - bias.dim()) + tuple(bias.shape))
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(viewed) or j < len(base):
+        gv: list[int] = []
+        gb: list[int] = []
+        pv = pb = 1
+        if i < len(viewed):
+            gv.append(i)
+            pv *= viewed[i]
+            i += 1
+        if j < len(base):
+            gb.append(j)
+            pb *= base[j]
+            j += 1
+        while pv != pb:
+            if pv < pb and i < len(viewed):
+                gv.append(i)
+                pv *= viewed[i]
+                i += 1
+            elif pb < pv and j < len(base):
+                gb.append(j)
+                pb *= base[j]
+                j += 1
+            else:
+                return None
+        groups.append((gv, gb))
+    expand_sizes = list(bias.shape)
+    out_shape: list[int] = []
+    for gv, gb in groups:
+        if all(bias.shape[d] == 1 for d in gv):
+            out_shape.extend(1 for _ in gb)
+        else:
+            for d in gv:
+                expand_sizes[d] = viewed[d]
+            out_shape.extend(base[d] for d in gb)
+    return bias.expand(expand_sizes).reshape(out_shape)
+
+
+class Lazy:
+    """A value the module's code holds in place of a tensor: replayable, maybe symbolic."""
+
+    __slots__ = ("_replay", "_value", "sym", "router")
+
+    def __init__(self, router: Any, replay: tuple[Callable, tuple, dict], sym: Any) -> None:
+        self.router = router
+        self._replay = replay
+        self._value: _Tensor | None = None
+        self.sym = sym
+
+    # -- settling ------------------------------------------------------------------------
+    def settle(self, why: str | None = None) -> _Tensor:
+        """The tensor the module's own code computes here (replayed once, then cached)."""
+        if self._value is None:
+            if why is not None and self.router is not None:
+                self.router.note_settled(why)
+            fn, args, kwargs = self._replay
+            self._value = fn(*tree_map(_settled, args), **tree_map(_settled, kwargs))
+        return self._value
+
+    def _derive(self, fn: Callable, args: tuple, kwargs: dict | None, sym: Any, cls: type | None = None) -> Lazy:
+        return (cls or type(self))(self.router, (fn, args, kwargs or {}), sym)
+
+    def _fallback(self, fn: Callable, args: tuple, kwargs: dict | None, why: str) -> Any:
+        for a in (*args, *(kwargs or {}).values()):
+            if isinstance(a, Lazy) and a.sym is not None:
+                a.settle(why)
+        return fn(*tree_map(_settled, args), **tree_map(_settled, kwargs or {}))
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        lazy = next((a for a in args if isinstance(a, Lazy)), None)
+        if lazy is not None and lazy.sym is not None and lazy._value is None:
+            op = _TENSOR_BINARY.get(func)
+            if op is not None and len(args) == 2 and not kwargs:
+                return lazy._binary(op, args[1] if args[0] is lazy else args[0], args[0] is not lazy)
+            handled = lazy._torch_function(func, args, kwargs)
+            if handled is not NotImplemented:
+                return handled
+        name = getattr(func, "__name__", str(func))
+        out = Lazy._fallback(lazy, func, args, kwargs, f"scores passed to {name}")
+        if name.endswith("_") and not name.endswith("__"):
+            for a in args:
+                if isinstance(a, Lazy):
+                    a.sym = None
+        return out
+
+    def _torch_function(self, func, args, kwargs):
+        return NotImplemented
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if self.sym is not None and self._value is None:
+            self.settle(f"scores used through .{name}")
+        if name.endswith("_"):
+            self.sym = None  # an in-place method: the symbolic form no longer describes the value
+        return getattr(self.settle(), name)
+
+    def __setitem__(self, index, value) -> None:
+        self.settle("scores written in place")[index] = _settled(value)
+        self.sym = None
+
+    def __getitem__(self, index):
+        return self.settle("scores indexed")[tree_map(_settled, index)]
+
+    def __repr__(self) -> str:
+        state = "symbolic" if self.sym is not None else "settled"
+        return f"<attnswap {type(self).__name__} ({state}): {self.settle()!r}>"
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __iter__(self):
+        return iter(self.settle("scores iterated"))
+
+    def __bool__(self) -> bool:
+        return bool(self.settle("scores used as a bool"))
+
+    def __neg__(self):
+        return -self.settle("scores negated")
+
+    def __format__(self, spec: str) -> str:
+        return format(self.settle(), spec)
+
+    # shape-like attributes answer without computing anything
+    @property
+    def shape(self) -> torch.Size:
+        return self.settle().shape if self.sym is None else torch.Size(self.sym.shape)
+
+    def size(self, dim: int | None = None):
+        shape = self.shape
+        return shape if dim is None else shape[dim]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.settle().dtype if self.sym is None else self.sym.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.settle().device if self.sym is None else self.sym.device
+
+    def _binary(self, op: Callable, other: Any, reflected: bool) -> Any:
+        args = (other, self) if reflected else (self, other)
+        if self.sym is not None and self._value is None:
+            out = self._symbolic_binary(op, other, reflected)
+            if out is not NotImplemented:
+                return out
+        return self._fallback(op, args, None, f"scores combined by {op.__name__}")
+
+    def _symbolic_binary(self, op, other, reflected):
+        return NotImplemented
+
+    def __add__(self, other):
+        return self._binary(operator.add, other, False)
+
+    def __radd__(self, other):
+        return self._binary(operator.add, other, True)
+
+    def __sub__(self, other):
+        return self._binary(operator.sub, other, False)
+
+    def __rsub__(self, other):
+        return self._binary(operator.sub, other, True)
+
+    def __mul__(self, other):
+        return self._binary(operator.mul, other, False)
+
+    def __rmul__(self, other):
+        return self._binary(operator.mul, other, True)
+
+    def __truediv__(self, other):
+        return self._binary(operator.truediv, other, False)
+
+    def __rtruediv__(self, other):
+        return self._binary(operator.truediv, other, True)
+
+    def __matmul__(self, other):
+        return self._binary(operator.matmul, other, False)
+
+    def __rmatmul__(self, other):
+        return self._binary(operator.matmul, other, True)
+
+
+class _ScoresSym:
+    """``(q · q_mul) @ kᵀ · scale + Σ biases``, shaped ``shape``; maybe under a temporary view."""
+
+    __slots__ = ("q", "k", "scale", "q_mul", "biases", "shape", "dtype", "device", "viewed", "viewed_biases")
+
+    def __init__(self, q, k, shape):
+        self.q, self.k = q, k
+        self.scale = 1.0
+        self.q_mul: _Tensor | None = None
+        self.biases: list[_Tensor] = []
+        self.shape = shape
+        self.dtype, self.device = q.dtype, q.device
+        self.viewed: tuple[int, ...] | None = None
+        self.viewed_biases: list[_Tensor] = []
+
+    def copy(self) -> _ScoresSym:
+        new = _ScoresSym.__new__(_ScoresSym)
+        for name in _ScoresSym.__slots__:
+            value = getattr(self, name)
+            setattr(new, name, list(value) if isinstance(value, list) else value)
+        return new
+
+    @property
+    def current_shape(self) -> tuple[int, ...]:
+        return self.viewed if self.viewed is not None else self.shape
+
+
+def _fits(shape: tuple[int, ...], other: _Tensor) -> bool:
+    """``other`` broadcasts to ``shape`` without enlarging it."""
+    if other.dim() > len(shape):
+        return False
+    for a, b in zip(reversed(shape), reversed(other.shape)):
+        if b != 1 and b != a:
+            return False
+    return True
+
+
+def _compatible(t: _Tensor, sym: _ScoresSym) -> bool:
+    return _is_plain_tensor(t) and t.dtype == sym.dtype and t.device == sym.device
+
+
+class Scores(Lazy):
+    """``q @ kᵀ`` and what follows it, up to ``softmax``."""
+
+    __slots__ = ()
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.settle().shape if self.sym is None else torch.Size(self.sym.current_shape)
+
+    def _symbolic_binary(self, op, other, reflected):
+        sym: _ScoresSym = self.sym
+        shape = sym.current_shape
+        if op is operator.add or (op is operator.sub and not reflected):
+            if not (isinstance(other, _Tensor) and _compatible(other, sym) and _fits(shape, other)):
+                return NotImplemented
+            new = sym.copy()
+            term = other if op is operator.add else -other
+            (new.viewed_biases if new.viewed is not None else new.biases).append(term)
+            return self._derive(op, (other, self) if reflected else (self, other), None, new)
+        if op is operator.mul or (op is operator.truediv and not reflected):
+            if sym.viewed is not None:
+                return NotImplemented
+            new = sym.copy()
+            if _is_number(other):
+                factor = other if op is operator.mul else 1.0 / other
+                new.scale = new.scale * factor
+                new.biases = [b * other if op is operator.mul else b / other for b in new.biases]
+            elif (
+                isinstance(other, _Tensor) and _compatible(other, sym) and _fits(shape, other)
+                and (other.dim() == 0 or other.shape[-1] == 1)
+            ):
+                # a per-row factor (Swin v2's per-head logit scale): scores[..., i, j]·c[..., i] = (q·c)[..., i]·k[..., j]
+                if op is operator.truediv:
+                    return NotImplemented
+                new.q_mul = other if new.q_mul is None else new.q_mul * other
+                new.biases = [b * other for b in new.biases]
+            else:
+                return NotImplemented
+            return self._derive(op, (other, self) if reflected else (self, other), None, new)
+        return NotImplemented
+
+    def _reshaped(self, method: str, shape: tuple) -> Lazy | None:
+        sym: _ScoresSym = self.sym
+        target = _infer_shape(sym.current_shape, shape)
+        if target is None:
+            return None
+        new = sym.copy()
+        if target == sym.shape:
+            if new.viewed is not None:
+                for b in new.viewed_biases:
+                    unviewed = _unview_bias(b, new.viewed, new.shape)
+                    if unviewed is None:
+                        return None
+                    new.biases.append(unviewed)
+                new.viewed, new.viewed_biases = None, []
+        elif new.viewed is None:
+            new.viewed = target
+        else:
+            return None
+        return self._derive(getattr(_Tensor, method), (self, *shape), None, new)
+
+    def view(self, *shape):
+        if self.sym is not None and self._value is None:
+            out = self._reshaped("view", shape)
+            if out is not None:
+                return out
+        return self._fallback(_Tensor.view, (self, *shape), None, "scores viewed in a shape we do not follow")
+
+    def reshape(self, *shape):
+        if self.sym is not None and self._value is None:
+            out = self._reshaped("reshape", shape)
+            if out is not None:
+                return out
+        return self._fallback(_Tensor.reshape, (self, *shape), None, "scores reshaped in a shape we do not follow")
+
+    def softmax(self, dim=None, dtype=None):
+        return self._softmax(_Tensor.softmax, (self,), {"dim": dim, "dtype": dtype}, dim, dtype)
+
+    def _softmax(self, func, args, kwargs, dim, dtype):
+        sym: _ScoresSym | None = self.sym
+        if sym is not None and self._value is None and sym.viewed is None and isinstance(dim, int):
+            last = dim in (-1, len(sym.shape) - 1)
+            if last and (dtype is None or dtype == sym.dtype):
+                return self._derive(func, args, kwargs, _ProbsSym(sym, 0.0, False), Probs)
+        return self._fallback(func, args, kwargs, "softmax over another dim or dtype")
+
+    def _torch_function(self, func, args, kwargs):
+        if func in _SOFTMAX_FUNCS and args and args[0] is self:
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            # F.softmax(input, dim, _stacklevel, dtype); torch.softmax / Tensor.softmax(input, dim, dtype)
+            dtype_at = 3 if func is F.softmax else 2
+            dtype = kwargs.get("dtype", args[dtype_at] if len(args) > dtype_at else None)
+            return self._softmax(func, args, kwargs, dim, dtype)
+        return NotImplemented
+
+
+class _ProbsSym:
+    __slots__ = ("scores", "dropout_p", "transposed", "shape", "dtype", "device")
+
+    def __init__(self, scores: _ScoresSym, dropout_p: float, transposed: bool) -> None:
+        self.scores, self.dropout_p, self.transposed = scores, dropout_p, transposed
+        shape = scores.shape
+        self.shape = (*shape[:-2], shape[-1], shape[-2]) if transposed else shape
+        self.dtype, self.device = scores.dtype, scores.device
+
+
+def _route_probs(router, probs: _ProbsSym, v: _Tensor) -> _Tensor | None:
+    """``probs @ v`` through the router, or None when ``v`` does not fit."""
+    s = probs.scores
+    lead = s.shape[:-2]
+    if not (_is_plain_tensor(v) and v.dtype == s.dtype and v.device == s.device and v.dim() >= 2):
+        return None
+    if v.shape[-2] != s.shape[-1] or v.dim() - 2 > len(lead):
+        return None
+    if any(b != 1 and b != a for a, b in zip(reversed(lead), reversed(v.shape[:-2]))):
+        return None  # v would enlarge the batch dims: the product broadcasts, attention does not
+    q = s.q if s.q_mul is None else s.q * s.q_mul
+    if tuple(q.shape[:-2]) != lead:
+        q = q.expand(*lead, *q.shape[-2:])
+    bias = None
+    for b in s.biases:
+        bias = b if bias is None else bias + b
+    out = router.route(q, s.k, v, attn_mask=bias, dropout_p=probs.dropout_p, scale=s.scale)
+    if not out.is_contiguous():  # what a matmul returns, and what module code may .view()
+        out = out.contiguous()
+    expected = (*lead, s.shape[-2], v.shape[-1])
+    if tuple(out.shape) != expected:
+        from ..errors import AttnSwapError
+
+        raise AttnSwapError(
+            f"attnswap routed a hand-written attention at site {router.site or '<root>'} and got shape "
+            f"{tuple(out.shape)}, expected {expected}; please report this with the model name"
+        )
+    return out
+
+
+class Probs(Lazy):
+    """``softmax(scores)``, maybe with dropout or transposed: becomes the router call at ``@ v``."""
+
+    __slots__ = ()
+
+    def transpose(self, dim0, dim1):
+        sym: _ProbsSym | None = self.sym
+        if sym is not None and self._value is None:
+            nd = len(sym.shape)
+            if {dim0 % nd, dim1 % nd} == {nd - 2, nd - 1}:
+                return self._derive(_Tensor.transpose, (self, dim0, dim1), None, _ProbsSym(sym.scores, sym.dropout_p, not sym.transposed))
+        return self._fallback(_Tensor.transpose, (self, dim0, dim1), None, "probabilities transposed across batch dims")
+
+    @property
+    def mT(self):
+        return self.transpose(-2, -1)
+
+    def _dropout(self, func, args, kwargs, p, training):
+        sym: _ProbsSym = self.sym
+        if not training or p == 0:
+            return self  # what F.dropout computes (in place or not): the same values
+        if sym.dropout_p == 0.0 and not sym.transposed:
+            return self._derive(func, args, kwargs, _ProbsSym(sym.scores, float(p), False))
+        return NotImplemented
+
+    def _torch_function(self, func, args, kwargs):
+        if func is F.dropout and args and args[0] is self:
+            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            training = kwargs.get("training", args[2] if len(args) > 2 else True)
+            return self._dropout(func, args, kwargs, p, training)
+        if func in _MATMUL_FUNCS and len(args) == 2:
+            return self._symbolic_binary(operator.matmul, args[1] if args[0] is self else args[0], args[1] is self)
+        if func in (_Tensor.transpose, torch.transpose) and args and args[0] is self:
+            return self.transpose(*args[1:3])
+        return NotImplemented
+
+    def _symbolic_binary(self, op, other, reflected):
+        sym: _ProbsSym = self.sym
+        if op is operator.matmul and isinstance(other, _Tensor):
+            if not reflected and not sym.transposed:
+                out = _route_probs(self.router, sym, other)
+                return NotImplemented if out is None else out
+            if reflected and sym.transposed:  # v @ Pᵀ = (P @ vᵀ)ᵀ (LeViT conv mode, EfficientViT, SHViT)
+                out = _route_probs(self.router, _ProbsSym(sym.scores, sym.dropout_p, False), other.transpose(-2, -1))
+                return NotImplemented if out is None else out.transpose(-2, -1).contiguous()
+            return NotImplemented
+        if sym.transposed or sym.dropout_p:
+            return NotImplemented
+        if op is operator.mul or (op is operator.truediv and not reflected):
+            coef = _coefficient(other, sym.shape, sym, op)
+            if coef is None:
+                return NotImplemented
+            return self._derive(op, (other, self) if reflected else (self, other), None, _MixSym([(coef, sym)], sym), Mix)
+        if op is operator.add:
+            if isinstance(other, _Tensor) and _compatible(other, sym.scores) and _fits(sym.shape, other):
+                return self._derive(op, (other, self) if reflected else (self, other), None, _MixSym([(1.0, sym), (1.0, other)], sym), Mix)
+        return NotImplemented
+
+    def _binary(self, op, other, reflected):
+        args = (other, self) if reflected else (self, other)
+        if self.sym is not None and self._value is None:
+            out = self._symbolic_binary(op, other, reflected)
+            if out is not NotImplemented and out is not None:
+                return out
+        return self._fallback(op, args, None, f"probabilities combined by {op.__name__}")
+
+
+def _coefficient(other: Any, shape: tuple, ref: Any, op: Callable) -> Any:
+    """``other`` as a per-row coefficient (a number, or a tensor with last dim 1), or None."""
+    if _is_number(other):
+        return other if op is operator.mul else 1.0 / other
+    if (
+        isinstance(other, _Tensor) and _is_plain_tensor(other) and other.dtype == ref.dtype and other.device == ref.device
+        and _fits(shape, other) and (other.dim() == 0 or other.shape[-1] == 1)
+    ):
+        return other if op is operator.mul else 1.0 / other
+    return None
+
+
+class _MixSym:
+    """``Σ cᵢ · termᵢ``: each term a softmax (``_ProbsSym``, no dropout) or a plain tensor;
+    each coefficient per row, so ``(Σ cᵢ·Pᵢ) @ v = Σ cᵢ·(Pᵢ @ v)`` (ConViT's GPSA)."""
+
+    __slots__ = ("terms", "shape", "dtype", "device", "ref")
+
+    def __init__(self, terms: list, ref: Any) -> None:
+        self.terms = terms
+        self.ref = ref
+        self.shape, self.dtype, self.device = ref.shape, ref.dtype, ref.device
+
+
+class Mix(Lazy):
+    """A linear combination of attention probabilities and tensors."""
+
+    __slots__ = ()
+
+    def _symbolic_binary(self, op, other, reflected):
+        sym: _MixSym = self.sym
+        args = (other, self) if reflected else (self, other)
+        if op is operator.matmul and not reflected and isinstance(other, _Tensor):
+            total = None
+            for coef, term in sym.terms:
+                part = _route_probs(self.router, term, other) if isinstance(term, _ProbsSym) else term @ other
+                if part is None:
+                    return NotImplemented
+                part = part * coef if not (_is_number(coef) and coef == 1.0) else part
+                total = part if total is None else total + part
+            return total
+        if op is operator.mul or (op is operator.truediv and not reflected):
+            coef = _coefficient(other, sym.shape, sym, op)
+            if coef is None:
+                return NotImplemented
+            terms = [(c * coef, t) for c, t in sym.terms]
+            return self._derive(op, args, None, _MixSym(terms, sym.ref))
+        if op is operator.add:
+            if isinstance(other, Mix) and other.sym is not None and other._value is None:
+                return self._derive(op, args, None, _MixSym(sym.terms + other.sym.terms, sym.ref))
+            if isinstance(other, Probs) and other.sym is not None and other._value is None and not other.sym.transposed and not other.sym.dropout_p:
+                return self._derive(op, args, None, _MixSym(sym.terms + [(1.0, other.sym)], sym.ref))
+            if isinstance(other, _Tensor) and _compatible(other, sym) and _fits(sym.shape, other):
+                return self._derive(op, args, None, _MixSym(sym.terms + [(1.0, other)], sym.ref))
+        return NotImplemented
+
+    def sum(self, dim=None, keepdim=False, dtype=None):
+        """Row sums (``dim=-1``) without the probabilities: a softmax row sums to one."""
+        sym: _MixSym | None = self.sym
+        if sym is not None and self._value is None and isinstance(dim, int) and dim in (-1, len(sym.shape) - 1) and dtype is None:
+            rows = sym.shape[:-1]
+            total = None
+            for coef, term in sym.terms:
+                part = term.sum(dim=-1) if isinstance(term, _Tensor) else torch.ones(rows, dtype=sym.dtype, device=sym.device)
+                if not _is_number(coef) or coef != 1.0:
+                    part = part * (coef.squeeze(-1) if isinstance(coef, _Tensor) and coef.dim() else coef)
+                total = part if total is None else total + part
+            total = total.expand(rows) if tuple(total.shape) != tuple(rows) else total
+            return total.unsqueeze(-1) if keepdim else total
+        return self._fallback(_Tensor.sum, (self,), {"dim": dim, "keepdim": keepdim, "dtype": dtype}, "mixed probabilities summed")
+
+    def _torch_function(self, func, args, kwargs):
+        if func is F.dropout and args and args[0] is self:
+            training = kwargs.get("training", args[2] if len(args) > 2 else True)
+            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            if not training or p == 0:
+                return self
+        if func in _MATMUL_FUNCS and len(args) == 2 and args[0] is self:
+            return self._symbolic_binary(operator.matmul, args[1], False)
+        return NotImplemented
+
+    def _binary(self, op, other, reflected):
+        args = (other, self) if reflected else (self, other)
+        if self.sym is not None and self._value is None:
+            out = self._symbolic_binary(op, other, reflected)
+            if out is not NotImplemented:
+                return out
+        return self._fallback(op, args, None, f"mixed probabilities combined by {op.__name__}")
+
+
+def scores_or_product(router: Any, a: Any, b: Any, op: Callable = operator.matmul) -> Any:
+    """``a @ b`` as the module wrote it, or a :class:`Scores` when it may be ``q @ kᵀ``."""
+    if (
+        router is None
+        or not (_is_plain_tensor(a) and _is_plain_tensor(b))
+        or a.dim() < 2 or b.dim() < 2
+        or a.dtype != b.dtype or not a.dtype.is_floating_point or a.device != b.device
+        or a.shape[-1] != b.shape[-2]
+        or torch.compiler.is_compiling()
+    ):
+        return op(a, b)
+    try:
+        lead = tuple(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    except RuntimeError:
+        return op(a, b)
+    if op is torch.bmm and (a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0]):
+        return op(a, b)
+    shape = (*lead, a.shape[-2], b.shape[-1])
+    return Scores(router, (op, (a, b), {}), _ScoresSym(a, b.transpose(-2, -1), shape))
+
+
+def additive(router: Any, fn: Callable, scores: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(scores, ...)`` for a function known to return ``scores + g(...)``: the bias ``g`` is
+    found by applying ``fn`` to zeros, so the scores stay symbolic."""
+    if isinstance(scores, Scores) and scores.sym is not None and scores._value is None and scores.sym.viewed is None:
+        sym: _ScoresSym = scores.sym
+        bias = fn(torch.zeros(sym.shape, dtype=sym.dtype, device=sym.device), *args, **kwargs)
+        return scores + bias
+    return fn(_settled(scores), *args, **kwargs)
