@@ -84,6 +84,55 @@ FAMILIES: dict[str, tuple[str, dict, tuple[int, ...]]] = {
 }
 
 
+#: one small model per hand-written attention class (map category B, and C's GPSA): their
+#: ``q @ kᵀ`` products are deferred and routed (see attnswap.surgery.scores)
+MANUAL_FAMILIES: dict[str, tuple[str, dict, tuple[int, ...]]] = {
+    # M.levit.Attention / AttentionDownsample: learned bias, v dim != qk, subsampled q
+    "levit": ("levit_128s", dict(img_size=64), (2, 3, 64, 64)),
+    # the same in conv mode: q.T @ k, then v @ attn.T
+    "levit_conv": ("levit_conv_128s", dict(img_size=64), (2, 3, 64, 64)),
+    # M.efficientformer.Attention: bias, v dim = 4x key dim
+    "efficientformer": ("efficientformer_l1", dict(), (1, 3, 224, 224)),
+    # M.efficientformer_v2.Attention2dDownsample (routed); Attention2d is talking-head (left alone)
+    "efficientformerv2": ("efficientformerv2_s0", dict(img_size=64), (1, 3, 64, 64)),
+    # M.efficientvit_msra.CascadedGroupAttention: one single-head call per head, in a loop
+    "efficientvit_msra": ("efficientvit_m0", dict(img_size=64), (1, 3, 64, 64)),
+    # M.mvitv2.MultiScaleAttention: pooled q/k/v, decomposed rel-pos written in place (additive helper)
+    "mvitv2": ("mvitv2_tiny", dict(), (1, 3, 224, 224)),
+    # M.swin_transformer_v2.WindowAttention: cosine attention, per-head logit scale, CPB bias, shift mask in a view
+    "swinv2": (
+        "swinv2_tiny_window8_256",
+        dict(img_size=64, window_size=4, embed_dim=32, depths=(1, 2, 1, 1), num_heads=(1, 2, 4, 8)),
+        (1, 3, 64, 64),
+    ),
+    "swinv2_cr": (
+        "swinv2_cr_tiny_ns_224",
+        dict(img_size=64, window_size=4, embed_dim=32, depths=(1, 2, 1, 1), num_heads=(1, 2, 4, 8)),
+        (1, 3, 64, 64),
+    ),
+    # M.davit.ChannelAttention: attention over channels (transposed q/k/v)
+    "davit_channel": ("davit_tiny", dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8)), (1, 3, 64, 64)),
+    # M.edgenext.CrossCovarianceAttn: normalized q/k, per-head temperature
+    "edgenext": ("edgenext_xx_small", dict(), (1, 3, 64, 64)),
+    # M.gcvit.WindowAttentionGlobal: rel-pos bias module applied to the scores, global query
+    "gcvit": ("gcvit_xxtiny", dict(), (1, 3, 224, 224)),
+    # M.crossvit.CrossAttention: q_len 1
+    "crossvit": ("crossvit_tiny_240", dict(), (1, 3, 240, 240)),
+    # M.tnt.Attention: v head dim != qk
+    "tnt": ("tnt_s_patch16_224", dict(img_size=64, depth=2), (1, 3, 64, 64)),
+    # M.volo.ClassAttention (q_len 1); OutlookAttention left alone
+    "volo_class": ("volo_d1_224", dict(img_size=64), (1, 3, 64, 64)),
+    # M.convit.MHSA and GPSA (gated mix of content and positional attention, renormalized)
+    "convit": ("convit_tiny", dict(img_size=64, depth=3, local_up_to_layer=2), (1, 3, 64, 64)),
+    # M.shvit.SHSA: single head on part of the channels, q.T @ k
+    "shvit": ("shvit_s1", dict(), (1, 3, 64, 64)),
+    # L.halo_attn.HaloAttn: blocked local attention, q-dependent rel-pos bias
+    "halonet": ("halonet26t", dict(), (1, 3, 256, 256)),
+    # L.bottleneck_attn.BottleneckAttn: q-dependent rel-pos logits as bias
+    "botnet": ("botnet26t_256", dict(img_size=64), (1, 3, 64, 64)),
+}
+
+
 #: too big to build in the fast suite (294M parameters); run with -m slow
 SLOW_FAMILIES: dict[str, tuple[str, dict, tuple[int, ...]]] = {
     # the full-width MobileNetV5 encoder
@@ -104,7 +153,7 @@ def features(model, x):
 def build(family: str, dtype: torch.dtype = torch.float32):
     import timm
 
-    name, kwargs, shape = FAMILIES[family] if family in FAMILIES else SLOW_FAMILIES[family]
+    name, kwargs, shape = {**FAMILIES, **MANUAL_FAMILIES, **SLOW_FAMILIES}[family]
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kwargs).eval().to(dtype)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)

@@ -11,7 +11,7 @@ import torch
 
 from .backends import registry
 from .errors import AttnSwapError, BackendUnavailable, PatchError
-from .report import MANUAL, NOT_ROUTABLE, PATCHED, Fallback, ModelStats, PatchReport, SiteReport, SiteStats
+from .report import MANUAL, NOT_ATTENTION, NOT_ROUTABLE, PATCHED, Fallback, ModelStats, PatchReport, SiteReport, SiteStats
 from .routing import ROUTER_ATTR, Policy, Router
 from .surgery.discover import Selector, candidates, class_label
 from .surgery.reroute import analyze, original_class
@@ -97,9 +97,12 @@ def patch(
         sites: list[SiteReport] = []
         for c in found:
             label = class_label(c.cls)
-            if c.rewrite is None or c.rewrite.left_alone:
+            if c.rewrite is None or c.rewrite.not_attention:
                 note = c.rewrite.left_alone if c.rewrite is not None else _SOFTMAX_NOTE
-                sites.append(SiteReport(c.path, label, MANUAL, reason=note))
+                sites.append(SiteReport(c.path, label, NOT_ATTENTION, reason=note))
+                continue
+            if c.rewrite.left_alone:
+                sites.append(SiteReport(c.path, label, MANUAL, reason=c.rewrite.left_alone))
                 continue
             problem = c.rewrite.problem or check_installable(c.module, c.rewrite)
             if problem:

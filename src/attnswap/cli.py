@@ -2,6 +2,7 @@
 
     attnswap backends [--json]
     attnswap demo [MODEL] [--backends sdpa,sdpa_math,...] [--batch N] [--img-size S] [--dtype float32] [--repeats R]
+    attnswap coverage [GLOB ...] [--out COVERAGE.md] [--json FILE] [--no-numerics] [--max-params 100]
 
 ``demo`` is the main job: it builds a timm model locally (no weights are downloaded),
 patches it with each backend in turn, and shows which sites were routed, which backend
@@ -127,6 +128,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coverage(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from . import coverage
+
+    names = coverage.model_names(args.patterns)
+    if not names:
+        print(f"attnswap: no timm model matches {args.patterns}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+
+    def progress(r: coverage.ModelCoverage) -> None:
+        if args.verbose or not r.ok:
+            err = f"{r.rel_err:.1e}" if r.rel_err is not None else r.skipped
+            print(
+                f"{'ok ' if r.ok else 'BAD'} {r.name}: {r.routed}/{r.sites} routed, err {err}, "
+                f"escaped {r.escaped}, unrouted {r.unrouted} {r.error}",
+                flush=True,
+            )
+
+    results = coverage.sweep(names, numerics=not args.no_numerics, max_params_m=args.max_params, progress=progress)
+    seconds = time.perf_counter() - start
+    import timm
+
+    command = "attnswap coverage " + " ".join(
+        [*args.patterns, *(["--no-numerics"] if args.no_numerics else []), f"--max-params {args.max_params:g}"]
+    )
+    env = (
+        f"timm {timm.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{platform.machine()} CPU ({torch.get_num_threads()} threads), {time.strftime('%Y-%m-%d')}"
+    )
+    if args.json:
+        coverage.save_json(results, args.json)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(coverage.markdown(results, command=command, environment=env, seconds=seconds))
+    totals = coverage.totals(results)
+    print(json.dumps(totals, indent=1))
+    bad = [r.name for r in results if not r.ok]
+    if bad:
+        print(f"attnswap coverage: {len(bad)} models with problems: {', '.join(bad[:20])}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnswap", description="Route the attention of PyTorch models to the backend you choose.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sites", action="store_true", help="print every attention site found")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("coverage", help="patch every timm model (or those matching GLOBs) and check every attention is routed")
+    p.add_argument("patterns", nargs="*", help="model name globs (default: every timm model)")
+    p.add_argument("--out", default=None, help="write the markdown report here (e.g. COVERAGE.md)")
+    p.add_argument("--json", default=None, help="write per-model results as JSON here")
+    p.add_argument("--no-numerics", action="store_true", help="discovery only (meta device), no forward")
+    p.add_argument("--max-params", type=float, default=30.0, help="millions of parameters above which no forward runs")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per model, not only problems")
+    p.set_defaults(func=cmd_coverage)
     return parser
 
 

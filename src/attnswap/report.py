@@ -10,6 +10,7 @@ from .reporting import build_table, render_table
 PATCHED = "patched"
 NOT_ROUTABLE = "not routable"
 MANUAL = "not routed"
+NOT_ATTENTION = "not attention"
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,8 @@ class Router:
         self.site_class = site_class
         #: instance attributes patching changed, for unpatch: name -> (was in __dict__, old value)
         self.saved_flags: dict[str, tuple[bool, Any]] = {}
+        #: forward hooks patching added, for unpatch
+        self.hook_ids: list[int] = []
         self._tallies: dict[tuple, Tally] = {}
         #: hand-written attention the module computed itself, by why (see surgery.scores)
         self.unrouted: dict[str, int] = {}
@@ -191,6 +193,7 @@ class Router:
             "site": self.site,
             "site_class": self.site_class,
             "saved_flags": self.saved_flags,
+            "hook_ids": self.hook_ids,
             "tallies": list(self._tallies.values()),
             "unrouted": dict(self.unrouted),
         }
@@ -200,6 +203,7 @@ class Router:
         self.site = state["site"]
         self.site_class = state["site_class"]
         self.saved_flags = state["saved_flags"]
+        self.hook_ids = list(state.get("hook_ids", []))
         self._tallies = {(t.backend, t.tried): t for t in state["tallies"]}
         self.unrouted = dict(state.get("unrouted", {}))
         self._lock = threading.Lock()

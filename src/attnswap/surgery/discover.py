@@ -10,6 +10,7 @@ import torch
 
 from ..errors import AttnSwapError
 from .manual import class_label
+from .mha import is_plain_mha
 from .reroute import ClassRewrite, _is_torch_class, analyze, original_class
 
 Selector = Union[str, type]
@@ -72,7 +73,7 @@ def candidates(
     exc = _normalize(exclude, "exclude")
     for path, module in model.named_modules():
         cls = original_class(module)
-        if _is_torch_class(cls):
+        if _is_torch_class(cls) and not is_plain_mha(cls):
             continue
         if inc is not None and not _matches(path, cls, inc):
             continue

@@ -102,14 +102,14 @@ def class_label(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def left_alone(cls: type) -> str | None:
-    """Why instances of ``cls`` are deliberately not routed, or None."""
+def left_alone(cls: type) -> tuple[str, bool] | None:
+    """Why instances of ``cls`` are deliberately not routed, and whether they are attention at all."""
     for klass in cls.__mro__:
         label = class_label(klass)
         if label in NOT_EXPRESSIBLE:
-            return NOT_EXPRESSIBLE[label]
+            return NOT_EXPRESSIBLE[label], True
         if label in NOT_ATTENTION:
-            return NOT_ATTENTION[label]
+            return NOT_ATTENTION[label], False
     return None
 
 

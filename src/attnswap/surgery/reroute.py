@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import ROUTE_METHOD, ROUTER_ATTR
-from . import manual
+from . import manual, mha
 from .source import NotRewritable, compile_like, local_names, parse_method, resolve, self_name
 
 SDPA = F.scaled_dot_product_attention
@@ -45,9 +45,15 @@ class ClassRewrite:
     products: int = 0
     #: why a softmax attention of the class is deliberately left alone (not an error)
     left_alone: str | None = None
+    #: the softmax it computes is not attention over tokens (left alone too)
+    not_attention: bool = False
+    #: an ``nn.MultiheadAttention`` (its forward replaced by :func:`.mha.forward`)
+    mha: bool = False
 
     @property
     def how(self) -> str:
+        if self.mha:
+            return "nn.MultiheadAttention"
         parts = []
         if self.calls:
             parts.append("SDPA call")
@@ -125,9 +131,11 @@ def _mentions_softmax(code: types.CodeType) -> bool:
 
 
 def _analyze(cls: type) -> ClassRewrite | None:
-    reason = manual.left_alone(cls)
-    if reason is not None:
-        return ClassRewrite(cls, left_alone=reason)
+    if mha.is_plain_mha(cls):
+        return ClassRewrite(cls, methods={"forward": mha.forward}, mha=True)
+    known = manual.left_alone(cls)
+    if known is not None:
+        return ClassRewrite(cls, left_alone=known[0], not_attention=not known[1])
     sdpa_methods: list[tuple[str, Any, Callable]] = []
     softmax_methods: list[tuple[str, Any, Callable]] = []
     for name, attr, fn in _methods(cls):

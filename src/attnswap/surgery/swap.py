@@ -13,6 +13,7 @@ import torch
 
 from ..errors import PatchError
 from ..routing import ROUTER_ATTR, Router
+from . import mha
 from .reroute import ClassRewrite, original_class, patched_class
 
 
@@ -41,6 +42,11 @@ def install(module: torch.nn.Module, rewrite: ClassRewrite, router: Router) -> N
                 router.saved_flags[flag] = (flag in module.__dict__, module.__dict__.get(flag))
     for flag in router.saved_flags:
         module.__dict__[flag] = True
+    if rewrite.mha:
+        if previous is not None:
+            router.hook_ids = previous.hook_ids
+        else:
+            router.hook_ids = [module.register_forward_pre_hook(mha.disable_fast_paths).id]
     module.__dict__[ROUTER_ATTR] = router
     module.__class__ = patched_class(rewrite)
 
@@ -51,6 +57,8 @@ def uninstall(module: torch.nn.Module) -> Router:
     if router is None:
         raise PatchError(f"{type(module).__qualname__} is not patched")
     module.__class__ = original_class(module)
+    for hook_id in router.hook_ids:
+        module._forward_pre_hooks.pop(hook_id, None)
     for flag, (was_set, value) in router.saved_flags.items():
         if was_set:
             module.__dict__[flag] = value

@@ -1,0 +1,352 @@
+"""The coverage sweep: patch every timm model and check that every attention is routed.
+
+For each model name: build it on the ``meta`` device and patch it (which sites were found,
+routed, left alone and why, not routable and why); then, where affordable on a CPU, build it
+for real, run one small forward unpatched and one patched with ``sdpa``, and check
+
+- the relative error of every output (``max |patched - unpatched| / max |unpatched|``);
+- that no attention escaped: a ``TorchFunctionMode`` attributes every softmax and SDPA call
+  to the module running it, and a softmax inside a patched site, or an SDPA call outside
+  one, is counted as escaped;
+- that no hand-written attention fell back to the module's own code (router counters).
+
+``attnswap coverage`` runs it and writes ``COVERAGE.md``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import signal
+import time
+import traceback
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .api import patch, stats
+from .report import MANUAL, NOT_ATTENTION, NOT_ROUTABLE, PATCHED
+from .routing import ROUTER_ATTR
+from .surgery.reroute import analyze, original_class
+
+TOLERANCE = 1e-4
+_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
+
+
+@dataclass
+class ModelCoverage:
+    """What the sweep found for one model."""
+
+    name: str
+    sites: int = 0
+    routed: int = 0
+    left_alone: dict[str, str] = field(default_factory=dict)  # class -> reason (attention no kernel takes)
+    not_attention: dict[str, str] = field(default_factory=dict)  # class -> reason (a softmax, not attention)
+    not_routable: dict[str, str] = field(default_factory=dict)  # class -> reason
+    routed_classes: dict[str, str] = field(default_factory=dict)  # class -> how
+    params_m: float = 0.0
+    checked: bool = False  # a real forward ran
+    skipped: str = ""  # why no real forward
+    rel_err: float | None = None
+    calls: int = 0
+    escaped: int = 0
+    unrouted: int = 0
+    error: str = ""
+    seconds: float = 0.0
+
+    @property
+    def fully_routed(self) -> bool:
+        return self.routed > 0 and not self.left_alone and not self.not_routable
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and not self.not_routable and (
+            not self.checked or ((self.rel_err or 0.0) < TOLERANCE and not self.escaped and not self.unrouted)
+        )
+
+
+class _Attribution(TorchFunctionMode):
+    """Counts softmax/SDPA calls by whether the innermost running module is a patched site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[torch.nn.Module] = []
+        self.escaped = 0
+
+    def _in_site(self) -> bool:
+        return any(ROUTER_ATTR in m.__dict__ for m in self.stack)
+
+    def _in_sdpa_site(self) -> bool:
+        # A softmax in a site rerouted at its SDPA call means its hand-written path ran instead.
+        # (In hand-written sites a softmax may be legitimate, like ConViT's positional one; a
+        # deferred product that had to be computed is counted by the router as unrouted.)
+        for m in self.stack:
+            if ROUTER_ATTR in m.__dict__:
+                rewrite = analyze(original_class(m))
+                if rewrite is not None and not rewrite.products:
+                    return True
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _SOFTMAX and self._in_sdpa_site():
+            self.escaped += 1
+        elif func is F.scaled_dot_product_attention and not self._in_site():
+            self.escaped += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _flat(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat(o)]
+    return []
+
+
+def relative_error(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    worst = 0.0
+    for o, r in zip(out, ref):
+        if o.shape != r.shape:
+            return float("inf")
+        if not r.is_floating_point():
+            worst = max(worst, float((o != r).any()))
+            continue
+        scale = r.double().abs().max().clamp_min(1e-30)
+        worst = max(worst, ((o.double() - r.double()).abs().max() / scale).item())
+    return worst
+
+
+def _outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    # features, not logits: timm zero-initializes many heads, which would hide any difference
+    with torch.no_grad():
+        return _flat(model.forward_features(x) if hasattr(model, "forward_features") else model(x))
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(seconds: int):
+    def handler(signum, frame):
+        raise _Timeout(f"took over {seconds} s")
+
+    if hasattr(signal, "SIGALRM"):
+        signal.signal(signal.SIGALRM, handler)
+        signal.alarm(seconds)
+
+
+def _discover(name: str, result: ModelCoverage) -> None:
+    import timm
+
+    model = timm.create_model(name, pretrained=False, device="meta")
+    result.params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    report = patch(model, backend="sdpa")
+    result.sites = sum(s.status != NOT_ATTENTION for s in report.sites)
+    for site in report.sites:
+        cls = site.cls
+        if site.status == PATCHED:
+            result.routed += 1
+            result.routed_classes[cls] = site.how
+        elif site.status == MANUAL:
+            result.left_alone[cls] = site.reason
+        elif site.status == NOT_ATTENTION:
+            result.not_attention[cls] = site.reason
+        elif site.status == NOT_ROUTABLE:
+            result.not_routable[cls] = site.reason
+
+
+def _check(name: str, result: ModelCoverage, seed: int = 0) -> None:
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False).eval()
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    x = torch.randn(1, *size)
+    ref = _outputs(model, x)
+    patch(model, backend="sdpa")
+    probe = _Attribution()
+    def enter(module, args):
+        probe.stack.append(module)
+
+    def leave(module, args, output):  # returns None: a forward hook's return value replaces the output
+        probe.stack.pop()
+
+    hooks = [
+        torch.nn.modules.module.register_module_forward_pre_hook(enter),
+        torch.nn.modules.module.register_module_forward_hook(leave),
+    ]
+    try:
+        with probe:
+            out = _outputs(model, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    s = stats(model)
+    result.rel_err = relative_error(out, ref)
+    result.calls = s.total_calls
+    result.escaped = probe.escaped
+    result.unrouted = s.unrouted_calls
+    result.checked = True
+
+
+def sweep_one(name: str, *, numerics: bool = True, max_params_m: float = 30.0, timeout_s: int = 120) -> ModelCoverage:
+    """Discover, patch and (where affordable) check one timm model."""
+    result = ModelCoverage(name)
+    start = time.perf_counter()
+    try:
+        _discover(name, result)
+        if not numerics:
+            result.skipped = "numerics not requested"
+        elif not result.routed:
+            result.skipped = "no routed site"
+        elif result.params_m > max_params_m:
+            result.skipped = f"{result.params_m:.0f}M parameters (> {max_params_m:.0f}M) on a CPU"
+        else:
+            _alarm(timeout_s)
+            try:
+                _check(name, result)
+            finally:
+                if hasattr(signal, "SIGALRM"):
+                    signal.alarm(0)
+    except _Timeout as exc:
+        result.skipped = f"forward {exc}"
+    except Exception as exc:  # one broken model must not stop the sweep
+        result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        result.error += " @ " + traceback.extract_tb(exc.__traceback__)[-1].name
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def model_names(patterns: Sequence[str] = ()) -> list[str]:
+    import timm
+
+    names = timm.list_models()
+    if patterns:
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    return names
+
+
+def sweep(
+    names: Iterable[str],
+    *,
+    numerics: bool = True,
+    max_params_m: float = 30.0,
+    progress: Callable[[ModelCoverage], None] | None = None,
+) -> list[ModelCoverage]:
+    results = []
+    for name in names:
+        r = sweep_one(name, numerics=numerics, max_params_m=max_params_m)
+        results.append(r)
+        if progress is not None:
+            progress(r)
+    return results
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def totals(results: Sequence[ModelCoverage]) -> dict[str, int]:
+    with_attention = [r for r in results if r.routed or r.left_alone or r.not_routable]
+    return {
+        "models": len(results),
+        "with attention": len(with_attention),
+        "fully routed": sum(r.fully_routed for r in results),
+        "partly routed (rest left alone)": sum(bool(r.routed and r.left_alone) for r in results),
+        "not routed at all (left alone)": sum(bool(not r.routed and r.left_alone and not r.not_routable) for r in results),
+        "with a not-routable site": sum(bool(r.not_routable) for r in results),
+        "numerics checked": sum(r.checked for r in results),
+        "mismatches": sum(r.checked and (r.rel_err or 0.0) >= TOLERANCE for r in results),
+        "escaped calls": sum(r.escaped for r in results),
+        "unrouted calls": sum(r.unrouted for r in results),
+        "errors": sum(bool(r.error) for r in results),
+    }
+
+
+def _short(cls: str) -> str:
+    return cls.replace("timm.models.", "M.").replace("timm.layers.", "L.")
+
+
+def markdown(results: Sequence[ModelCoverage], *, command: str, environment: str, seconds: float) -> str:
+    t = totals(results)
+    lines = [
+        "# attnswap coverage of timm",
+        "",
+        "Generated by the sweep; do not edit by hand. Regenerate with:",
+        "",
+        f"    {command}",
+        "",
+        f"{environment}; the sweep took {seconds / 60:.1f} minutes.",
+        "",
+        "Every model is built on the meta device and patched (sites found, routed, left alone, not routable).",
+        f"Where affordable (≤ the parameter cap, one 1-image forward at the default input size), the patched "
+        f"model (backend `sdpa`) is run against the unpatched one: relative error `max|Δ| / max|ref|` must be "
+        f"< {TOLERANCE:g} (float32); a softmax inside a routed site or an SDPA call outside one is *escaped*; "
+        f"a hand-written attention the module had to compute itself is *unrouted*.",
+        "",
+        "## Totals",
+        "",
+        "| | models |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in t.items()]
+    by_class: dict[str, Counter] = {}
+    reasons: dict[str, str] = {}
+    for r in results:
+        for cls, how in r.routed_classes.items():
+            by_class.setdefault(cls, Counter())[f"routed ({how})"] += 1
+        for cls, why in r.left_alone.items():
+            by_class.setdefault(cls, Counter())["left alone"] += 1
+            reasons[cls] = why
+        for cls, why in r.not_routable.items():
+            by_class.setdefault(cls, Counter())["not routable"] += 1
+            reasons[cls] = why
+        for cls, why in r.not_attention.items():
+            by_class.setdefault(cls, Counter())["not attention (left alone)"] += 1
+            reasons[cls] = why
+    lines += ["", "## By attention class", "", "| class | models | status | reason when not routed |", "|---|---|---|---|"]
+    for cls in sorted(by_class, key=lambda c: (-sum(by_class[c].values()), c)):
+        status = ", ".join(f"{k}" for k in by_class[cls])
+        lines.append(f"| `{_short(cls)}` | {sum(by_class[cls].values())} | {status} | {reasons.get(cls, '')} |")
+    partial = [r for r in results if r.left_alone or r.not_routable]
+    lines += ["", "## Models not fully routed", "", "| model | routed sites | not routed: class (reason above) |", "|---|---|---|"]
+    for r in partial:
+        lines.append(
+            f"| {r.name} | {r.routed} | " + ", ".join(f"`{_short(c)}`" for c in (*r.left_alone, *r.not_routable)) + " |"
+        )
+    problems = [r for r in results if not r.ok]
+    lines += ["", "## Problems", ""]
+    if not problems:
+        lines.append("None: no errors, no mismatches, no escaped or unrouted calls.")
+    else:
+        lines += ["| model | error / rel. error / escaped / unrouted |", "|---|---|"]
+        for r in problems:
+            lines.append(f"| {r.name} | {r.error or f'{r.rel_err:.2e} / {r.escaped} / {r.unrouted}'} |")
+    lines += [
+        "", "## Every model with attention", "",
+        "| model | params (M) | sites | routed | left alone | rel. error | routed calls | time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if not (r.routed or r.left_alone or r.not_routable):
+            continue
+        err = f"{r.rel_err:.1e}" if r.rel_err is not None else (r.skipped or "-")
+        lines.append(
+            f"| {r.name} | {r.params_m:.1f} | {r.sites} | {r.routed} | {len(r.left_alone)} | {err} | "
+            f"{r.calls if r.checked else '-'} | {r.seconds:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def save_json(results: Sequence[ModelCoverage], path: str | Path) -> None:
+    Path(path).write_text(json.dumps([asdict(r) for r in results], indent=1))
+
+
+def load_json(path: str | Path) -> list[ModelCoverage]:
+    return [ModelCoverage(**d) for d in json.loads(Path(path).read_text())]
