@@ -155,16 +155,23 @@ class _Products:
         return None
 
     def sources(self, expr: ast.AST) -> frozenset[int]:
+        """The products whose result flows into ``expr``. A product's operands are not
+        followed: ``q`` and ``k`` may come from other products (``x @ w``), but only the
+        product ``q @ kᵀ`` itself is the scores."""
         found: set[int] = set()
-        for node in ast.walk(expr):
+        stack = [expr]
+        while stack:
+            node = stack.pop()
             kind = self.product_kind(node)
             if kind is not None:
                 self.products[id(node)] = node
                 if kind == "einsum":
                     self.einsums.add(id(node))
                 found.add(id(node))
-            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                continue
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
                 found |= self.taint.get(node.id, frozenset())
+            stack.extend(ast.iter_child_nodes(node))
         return frozenset(found)
 
     def _assign(self, target: ast.AST, sources: frozenset[int], augment: bool) -> None:
