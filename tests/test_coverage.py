@@ -1,0 +1,63 @@
+"""The coverage sweep: on a fixed sample with one model per attention class, every attention
+is found and routed (or deliberately left alone, with its reason), outputs match, nothing escapes."""
+
+import pytest
+
+from attnswap import coverage
+from attnswap.cli import main
+
+#: model -> classes expected to be left alone (C: no single attention call expresses them)
+SAMPLE = {
+    # A: SDPA call sites
+    "test_vit": (), "eva02_tiny_patch14_224": (), "vit_relpos_small_patch16_224": (), "pvt_v2_b0": (),
+    "test_maxvit": (), "hiera_tiny_224": (), "sam2_hiera_tiny": (), "twins_svt_small": (), "nest_tiny": (),
+    "mobilenetv4_hybrid_medium": (), "tiny_vit_5m_224": (), "iformer_t": (), "fastvit_mci0": (),
+    "lowformer_b0": (), "caformer_s18": (), "test_vit3": (),
+    # A*: SDPA behind an experimental flag
+    "swin_tiny_patch4_window7_224": (), "visformer_tiny": (), "xcit_nano_12_p16_224": (),
+    # B: hand-written attention
+    "levit_128s": (), "levit_conv_128s": (), "efficientformer_l1": (), "efficientvit_m0": (), "mvitv2_tiny": (),
+    "swinv2_tiny_window8_256": (), "swinv2_cr_tiny_ns_224": (), "davit_tiny": (), "edgenext_xx_small": (),
+    "gcvit_xxtiny": (), "crossvit_tiny_240": (), "tnt_s_patch16_224": (), "convit_tiny": (), "shvit_s1": (),
+    "halonet26t": (), "botnet26t_256": (),
+    # C, left alone next to routed sites
+    "cait_xxs24_224": ("timm.models.cait.TalkingHeadAttn",),
+    "efficientformerv2_s0": ("timm.models.efficientformer_v2.Attention2d",),
+    "volo_d1_224": ("timm.models.volo.OutlookAttention",),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SAMPLE))
+def test_sample_model_fully_covered(name):
+    r = coverage.sweep_one(name)
+    assert not r.error, r.error
+    assert r.routed > 0 and not r.not_routable, r
+    assert set(r.left_alone) == set(SAMPLE[name]), r.left_alone
+    assert r.checked, r.skipped
+    assert r.matches and r.escaped == 0 and r.unrouted == 0, r
+
+
+def test_softmax_that_is_not_attention_is_counted_apart():
+    r = coverage.sweep_one("coat_lite_tiny", numerics=False)
+    assert r.routed == 0 and r.sites == 0 and r.not_attention and r.ok
+
+
+def test_report_totals_and_problems():
+    good = coverage.ModelCoverage("a", sites=2, routed=2, checked=True, rel_err=1e-7, calls=4)
+    partial = coverage.ModelCoverage("b", sites=3, routed=2, left_alone={"X": "why"}, checked=True, rel_err=0.0)
+    bad = coverage.ModelCoverage("c", sites=1, routed=1, checked=True, rel_err=1e-2)
+    amplified = coverage.ModelCoverage("d", sites=1, routed=1, checked=True, rel_err=3e-4, rel_err_f64=1e-13)
+    t = coverage.totals([good, partial, bad, amplified])
+    assert t["fully routed"] == 3 and t["partly routed (rest left alone)"] == 1
+    assert t["mismatches"] == 1 and t["float32 above tolerance, float64 agrees"] == 1
+    text = coverage.markdown([good, partial, bad, amplified], command="cmd", environment="env", seconds=60)
+    assert "| c | 1.00e-02 / 0 / 0 |" in text and "| b | 2 | `X` |" in text
+
+
+def test_cli_writes_the_report(tmp_path):
+    out, js = tmp_path / "COVERAGE.md", tmp_path / "cov.json"
+    assert main(["coverage", "test_vit", "levit_128s", "--out", str(out), "--json", str(js)]) == 0
+    text = out.read_text()
+    assert "| fully routed | 2 |" in text and "M.levit.Attention" in text
+    assert [r.name for r in coverage.load_json(js)] == ["levit_128s", "test_vit"]
