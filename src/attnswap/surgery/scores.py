@@ -121,6 +121,7 @@ class Lazy:
     """A value the module's code holds in place of a tensor: replayable, maybe symbolic."""
 
     __slots__ = ("_replay", "_value", "sym", "router")
+    _noun = "scores"  # what the value is, in the reasons counted when it settles
 
     def __init__(self, router: Any, replay: tuple[Callable, tuple, dict], sym: Any) -> None:
         self.router = router
@@ -232,9 +233,9 @@ class Lazy:
         args = (other, self) if reflected else (self, other)
         if self.sym is not None and self._value is None:
             out = self._symbolic_binary(op, other, reflected)
-            if out is not NotImplemented:
+            if out is not NotImplemented and out is not None:
                 return out
-        return self._fallback(op, args, None, f"scores combined by {op.__name__}")
+        return self._fallback(op, args, None, f"{self._noun} combined by {op.__name__}")
 
     def _symbolic_binary(self, op, other, reflected):
         return NotImplemented
@@ -451,6 +452,7 @@ class Probs(Lazy):
     """``softmax(scores)``, maybe with dropout or transposed: becomes the router call at ``@ v``."""
 
     __slots__ = ()
+    _noun = "probabilities"
 
     def transpose(self, dim0, dim1):
         sym: _ProbsSym | None = self.sym
@@ -505,13 +507,6 @@ class Probs(Lazy):
                 return self._derive(op, (other, self) if reflected else (self, other), None, _MixSym([(1.0, sym), (1.0, other)], sym), Mix)
         return NotImplemented
 
-    def _binary(self, op, other, reflected):
-        args = (other, self) if reflected else (self, other)
-        if self.sym is not None and self._value is None:
-            out = self._symbolic_binary(op, other, reflected)
-            if out is not NotImplemented and out is not None:
-                return out
-        return self._fallback(op, args, None, f"probabilities combined by {op.__name__}")
 
 
 def _coefficient(other: Any, shape: tuple, ref: Any, op: Callable) -> Any:
@@ -542,6 +537,7 @@ class Mix(Lazy):
     """A linear combination of attention probabilities and tensors."""
 
     __slots__ = ()
+    _noun = "mixed probabilities"
 
     def _symbolic_binary(self, op, other, reflected):
         sym: _MixSym = self.sym
@@ -595,13 +591,6 @@ class Mix(Lazy):
             return self._symbolic_binary(operator.matmul, args[1], False)
         return NotImplemented
 
-    def _binary(self, op, other, reflected):
-        args = (other, self) if reflected else (self, other)
-        if self.sym is not None and self._value is None:
-            out = self._symbolic_binary(op, other, reflected)
-            if out is not NotImplemented:
-                return out
-        return self._fallback(op, args, None, f"mixed probabilities combined by {op.__name__}")
 
 
 def scores_or_product(router: Any, a: Any, b: Any, op: Callable = operator.matmul) -> Any:
