@@ -288,3 +288,44 @@ def test_math_of_scale_is_exact_for_sdpa_default():
     ref, out, s = run_both(make(default_scale), q, k, v)
     torch.testing.assert_close(out, ref)
     assert s.total_calls == 1
+
+
+def _routed_equal(model, x):
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        report = attnswap.patch(model, backend="sdpa")
+        out = model(x)
+    stats = attnswap.stats(model)
+    return ref, out, report, stats
+
+
+def test_non_local_attention_is_routed():
+    # B class with no registered model, reachable through create_attn('nl'); scale = C^-0.5
+    from timm.layers.non_local_attn import NonLocalAttn
+
+    model = NonLocalAttn(16).double()
+    nn.init.normal_(model.norm.weight)  # timm zero-inits it, which would hide the attention output
+    ref, out, report, stats = _routed_equal(model, rand(2, 16, 5, 5))
+    assert [s.status for s in report.sites] == ["patched"] and report.sites[0].how == "hand-written"
+    assert stats.total_calls == 1 and stats.fallback_calls == 0
+    torch.testing.assert_close(out, ref)
+
+
+def test_mvitv2_pool_first_attention_is_rewritten_and_keeps_timms_behaviour():
+    # MultiScaleAttentionPoolFirst has no registered model, and in timm 1.0.x its k is never
+    # transposed to (B, H, N, d), so its forward cannot run. The rewrite must not hide that:
+    # the patched module fails the same way the original does.
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    cfg = MultiScaleVitCfg(depths=(1, 1), embed_dim=16, num_heads=1, pool_first=True)
+    model = MultiScaleVit(cfg, img_size=(64, 64), num_classes=0).double().eval()
+    x = rand(1, 3, 64, 64)
+    with pytest.raises(RuntimeError) as original:
+        model(x)
+    report = attnswap.patch(model, backend="sdpa")
+    pool_first = [s for s in report.sites if s.cls.endswith("MultiScaleAttentionPoolFirst")]
+    assert len(pool_first) == 2 and all(s.status == "patched" and s.how == "hand-written" for s in pool_first)
+    with pytest.raises(RuntimeError) as patched:
+        model(x)
+    assert str(patched.value) == str(original.value)
