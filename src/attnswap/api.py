@@ -30,7 +30,24 @@ def _check_model(model: object) -> torch.nn.Module:
     return model
 
 
-def _policy(backend: str, fallback: str | Sequence[str] | None, strict: bool) -> tuple[Policy, str]:
+_CASTS = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch.bfloat16: torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16, torch.float16: torch.float16,
+}
+
+
+def _cast_dtype(cast: str | torch.dtype | None) -> torch.dtype | None:
+    if cast is None:
+        return None
+    try:
+        return _CASTS[cast]
+    except (KeyError, TypeError):
+        raise AttnSwapError(f"cast={cast!r} is not supported: use 'bf16' or 'fp16' (or None to never down-cast)") from None
+
+
+def _policy(
+    backend: str, fallback: str | Sequence[str] | None, strict: bool, cast: str | torch.dtype | None = None
+) -> tuple[Policy, str]:
     name = registry.resolve_name(backend)
     if fallback is None:
         chain = tuple(n for n in DEFAULT_FALLBACK if n != name)
@@ -41,7 +58,7 @@ def _policy(backend: str, fallback: str | Sequence[str] | None, strict: bool) ->
     unavailable = registry.get_backend(name).unavailable_reason or ""
     if unavailable and strict:
         raise BackendUnavailable(name, unavailable + _install_hint(name))
-    return Policy(name, chain, bool(strict)), unavailable
+    return Policy(name, chain, bool(strict), _cast_dtype(cast)), unavailable
 
 
 def _install_hint(name: str) -> str:
@@ -57,6 +74,7 @@ def patch(
     strict: bool = False,
     include: Selector | Sequence[Selector] | None = None,
     exclude: Selector | Sequence[Selector] | None = None,
+    cast: str | torch.dtype | None = None,
 ) -> PatchReport:
     """Route every attention computation of ``model`` through ``backend``, in place.
 
@@ -75,6 +93,13 @@ def patch(
             :class:`PatchError` if a selected attention module cannot be routed.
         include: only sites whose module path or class matches one of these globs or classes.
         exclude: skip sites whose module path or class matches one of these.
+        cast: ``"bf16"`` or ``"fp16"``: a backend that takes only half precision (flash-attn,
+            SageAttention, ...) serves the float32 calls it would refuse on q/k/v (and an
+            additive mask) cast to this dtype, the output cast back. This trades accuracy for
+            speed: bf16 keeps 8 significant bits (relative error around 4e-3 per element),
+            fp16 11 bits but overflows past 65504. Off by default: float32 calls then fall back.
+            Calls the backend takes as they are are never cast; the down-cast calls show in
+            :func:`stats` as e.g. ``flash (bfloat16)``.
 
     Returns:
         A :class:`PatchReport` listing every site, what was done and what could not be.
@@ -90,7 +115,7 @@ def patch(
         print(report)
     """
     _check_model(model)
-    policy, unavailable = _policy(backend, fallback, strict)
+    policy, unavailable = _policy(backend, fallback, strict, cast)
     with _surgery_lock:
         found = list(candidates(model, include, exclude))
         plan: list[tuple] = []
@@ -129,7 +154,7 @@ def patch(
             "attnswap: backend %r is unavailable (%s); every call will use the fallback %s",
             policy.backend, unavailable, policy.fallback,
         )
-    return PatchReport(policy.backend, policy.fallback, policy.strict, tuple(sites), unavailable)
+    return PatchReport(policy.backend, policy.fallback, policy.strict, tuple(sites), unavailable, policy.cast)
 
 
 def unpatch(model: torch.nn.Module) -> int:
@@ -204,11 +229,11 @@ def stats(model: torch.nn.Module, *, reset: bool = False) -> ModelStats:
         fallbacks = []
         for t in router.tallies():
             if t.calls:
-                calls[t.backend] = calls.get(t.backend, 0) + t.calls
+                calls[t.label] = calls.get(t.label, 0) + t.calls
             if t.traced:
-                traced[t.backend] = traced.get(t.backend, 0) + t.traced
+                traced[t.label] = traced.get(t.label, 0) + t.traced
             if t.is_fallback and (t.calls or t.traced):
-                fallbacks.append(Fallback(t.backend, {name: tuple(r) for name, r in t.tried}, t.calls, t.traced))
+                fallbacks.append(Fallback(t.label, {name: tuple(r) for name, r in t.tried}, t.calls, t.traced))
         out.append(
             SiteStats(path, router.site_class, router.policy.backend, calls, tuple(fallbacks), traced, dict(router.unrouted))
         )

@@ -112,6 +112,11 @@ class CallFacts:
             mask_shape=mask_shape,
         )
 
+    def cast_to(self, dtype: torch.dtype) -> CallFacts:
+        """The facts of the same call with q/k/v (and an additive mask) cast to ``dtype``."""
+        mask_dtype = dtype if self.mask_kind == MASK_ADDITIVE else self.mask_dtype
+        return replace(self, dtype=dtype, mask_dtype=mask_dtype)
+
     def describe(self) -> str:
         def t(shape: tuple[int, ...]) -> str:
             return "(" + ", ".join(str(s) for s in shape) + ")"

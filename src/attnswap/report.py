@@ -42,6 +42,8 @@ class PatchReport:
     strict: bool
     sites: tuple[SiteReport, ...] = ()
     backend_unavailable: str = ""
+    #: float32 calls a half-precision backend would refuse run down-cast to this dtype (``patch(cast=)``)
+    cast: torch.dtype | None = None
 
     @property
     def patched(self) -> list[SiteReport]:
@@ -62,7 +64,8 @@ class PatchReport:
 
     def _title(self) -> str:
         chain = " -> ".join((self.backend, *self.fallback)) if not self.strict else f"{self.backend} (strict)"
-        return f"attnswap: {len(self.patched)} attention sites routed to {chain}"
+        cast = f" (float32 cast to {str(self.cast).replace('torch.', '')} where needed)" if self.cast is not None else ""
+        return f"attnswap: {len(self.patched)} attention sites routed to {chain}{cast}"
 
     def _caption(self) -> str:
         parts = []

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from .backends import registry
-from .backends.base import Backend, FunctionBackend
+from .backends.base import Backend, FunctionBackend, dtype_name
 from .call import CallFacts, facts_of, to_4d
 from .errors import AttnSwapError, BackendRefused, UnsupportedCall
 
@@ -52,6 +52,8 @@ class Policy:
     backend: str
     fallback: tuple[str, ...] = ()
     strict: bool = False
+    #: float16/bfloat16: a backend that refuses a float32 call only for its dtype runs it down-cast
+    cast: torch.dtype | None = None
 
     @property
     def chain(self) -> tuple[str, ...]:
@@ -66,10 +68,30 @@ class Tally:
     tried: tuple[tuple[str, tuple[str, ...]], ...] = ()
     calls: int = 0
     traced: int = 0
+    #: the dtype q/k/v were cast to for this backend (``patch(cast=...)``), or None
+    cast: torch.dtype | None = None
 
     @property
     def is_fallback(self) -> bool:
         return bool(self.tried)
+
+    @property
+    def label(self) -> str:
+        """The backend's name, with the dtype it ran in when the call was down-cast."""
+        return self.backend if self.cast is None else f"{self.backend} ({dtype_name(self.cast)})"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What :meth:`Router.decide` chose for one call."""
+
+    backend: Backend
+    #: the router reshapes the call to 4-D for this backend
+    reshape_4d: bool
+    #: the backends refused before it, each with its reasons
+    tried: tuple[tuple[str, tuple[str, ...]], ...]
+    #: q/k/v are cast to this dtype for the backend (``patch(cast=...)``), or None
+    cast: torch.dtype | None = None
 
 
 class Plan:
@@ -82,7 +104,7 @@ class Plan:
         self.tally = tally
 
 
-def _runner(backend: Backend, reshape_4d: bool, site: str) -> Callable[..., torch.Tensor]:
+def _runner(backend: Backend, reshape_4d: bool, site: str, cast: torch.dtype | None = None) -> Callable[..., torch.Tensor]:
     """What a plan calls, as ``run(q, k, v, attn_mask, dropout_p, is_causal, scale=, enable_gqa=)``
     (SDPA's own calling convention, so for ``sdpa`` it is the builtin itself)."""
     run: Callable[..., torch.Tensor] = backend.kernel
@@ -94,6 +116,22 @@ def _runner(backend: Backend, reshape_4d: bool, site: str) -> Callable[..., torc
         def run(q, k, v, m, d, c, scale=None, enable_gqa=False):
             q4, k4, v4, m4, restore = to_4d(q, k, v, m)
             return restore(inner(q4, k4, v4, m4, d, c, scale=scale, enable_gqa=enable_gqa))
+
+    if cast is not None:
+        return _cast_runner(run, cast)
+    return run
+
+
+def _cast_runner(inner: Callable[..., torch.Tensor], dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """Run ``inner`` on q/k/v (and an additive mask) cast to ``dtype``; the output comes back in
+    the caller's dtype. Gradients flow through both casts. ``scale=None`` still means
+    1/sqrt(head_dim), which the cast does not change."""
+
+    def run(q, k, v, m, d, c, scale=None, enable_gqa=False):
+        if m is not None and m.dtype != torch.bool:
+            m = m.to(dtype)
+        out = inner(q.to(dtype), k.to(dtype), v.to(dtype), m, d, c, scale=scale, enable_gqa=enable_gqa)
+        return out.to(q.dtype)
 
     return run
 
@@ -204,7 +242,7 @@ class Router:
         self.site_class = state["site_class"]
         self.saved_flags = state["saved_flags"]
         self.hook_ids = list(state.get("hook_ids", []))
-        self._tallies = {(t.backend, t.tried): t for t in state["tallies"]}
+        self._tallies = {(t.backend, t.tried, t.cast): t for t in state["tallies"]}
         self.unrouted = dict(state.get("unrouted", {}))
         self._lock = threading.Lock()
         self._register_token()
@@ -213,11 +251,11 @@ class Router:
     def __repr__(self) -> str:
         return f"<attnswap router {self.site or '<root>'} -> {self.policy.backend}>"
 
-    def _tally(self, backend: str, tried: tuple) -> Tally:
-        key = (backend, tried)
+    def _tally(self, backend: str, tried: tuple, cast: torch.dtype | None = None) -> Tally:
+        key = (backend, tried, cast)
         tally = self._tallies.get(key)
         if tally is None:
-            tally = self._tallies[key] = Tally(backend, tried)
+            tally = self._tallies[key] = Tally(backend, tried, cast=cast)
         return tally
 
     def tallies(self) -> list[Tally]:
@@ -283,13 +321,11 @@ class Router:
         return plan
 
     def _plan_for(self, facts: CallFacts, refused: dict[str, str] | None = None) -> Plan:
-        backend, reshape_4d, tried = self.decide(facts, refused)
-        return Plan(_runner(backend, reshape_4d, self.site), self._tally(backend.name, tried))
+        d = self.decide(facts, refused)
+        return Plan(_runner(d.backend, d.reshape_4d, self.site, d.cast), self._tally(d.backend.name, d.tried, d.cast))
 
-    def decide(
-        self, facts: CallFacts, refused: dict[str, str] | None = None
-    ) -> tuple[Backend, bool, tuple[tuple[str, tuple[str, ...]], ...]]:
-        """Which backend serves ``facts``: (backend, needs 4-D reshape, refusals before it)."""
+    def decide(self, facts: CallFacts, refused: dict[str, str] | None = None) -> Decision:
+        """Which backend serves ``facts``, how, and every refusal before it."""
         errors = _call_errors(facts)
         if errors:
             raise AttnSwapError(f"invalid attention call at site {self.site or '<root>'}: {'; '.join(errors)} ({facts.describe()})")
@@ -309,12 +345,17 @@ class Router:
                 tried.append((name, ("approximate backends are never used as a fallback",)))
                 continue
             reasons, reshape_4d = backend.reasons(facts)
+            cast = None
+            if reasons and self.policy.cast is not None and facts.dtype == torch.float32:
+                cast_reasons, cast_reshape = backend.reasons(facts.cast_to(self.policy.cast))
+                if not cast_reasons:
+                    reasons, reshape_4d, cast = cast_reasons, cast_reshape, self.policy.cast
             if reasons:
                 tried.append((name, tuple(reasons)))
                 continue
             if tried:
                 self._warn_fallback(name, tried)
-            return backend, reshape_4d, tuple(tried)
+            return Decision(backend, reshape_4d, tuple(tried), cast)
         hint = (
             "pass strict=False to let the site fall back"
             if self.policy.strict
@@ -352,8 +393,8 @@ class Router:
             return self._trace_fx(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if _is_compiling():
             facts = facts_of(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-            name, reshape_4d = _decide_while_tracing(self._token, _facts_key(facts))
-            run = _runner(registry._backends[name], reshape_4d, self.site)
+            name, reshape_4d, cast = _decide_while_tracing(self._token, _facts_key(facts))
+            run = _runner(registry._backends[name], reshape_4d, self.site, None if cast is None else _DTYPES[cast])
             return run(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         # a tensor subclass (FakeTensor under export, DTensor, ...): same decision, not cached
         facts = facts_of(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -437,9 +478,9 @@ def _assume_constant_result(fn: Callable) -> Callable:
 
 
 @_assume_constant_result
-def _decide_while_tracing(token: int, key: tuple) -> tuple[str, bool]:
+def _decide_while_tracing(token: int, key: tuple) -> tuple[str, bool, str | None]:
     """Runs eagerly while dynamo traces: the decision (and its bookkeeping) never enters the graph."""
     router = _live_routers[token]
-    backend, reshape_4d, tried = router.decide(_facts_from_key(key))
-    router._tally(backend.name, tried).traced += 1
-    return backend.name, reshape_4d
+    d = router.decide(_facts_from_key(key))
+    router._tally(d.backend.name, d.tried, d.cast).traced += 1
+    return d.backend.name, d.reshape_4d, None if d.cast is None else _DTYPE_NAMES[d.cast]
