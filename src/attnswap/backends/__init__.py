@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import Backend, FunctionBackend, Limits, limit_reasons
 from .eager import EagerBackend, eager_attention
+from .flash import FlashAttn2Backend, FlashAttn3Backend, FlashAttn4Backend
 from .flex import FlexBackend
 from .registry import (
     ALIASES,
@@ -15,7 +16,9 @@ from .registry import (
     unregister_backend,
 )
 from .registry import _add as _register_builtin
+from .sage import SageBackend
 from .sdpa import SdpaBackend, SdpaCudnnBackend, SdpaEfficientBackend, SdpaFlashBackend, SdpaMathBackend
+from .xformers import XformersBackend
 
 for _backend in (
     SdpaBackend(),
@@ -24,6 +27,11 @@ for _backend in (
     SdpaCudnnBackend(),
     SdpaMathBackend(),
     FlexBackend(),
+    FlashAttn2Backend(),
+    FlashAttn3Backend(),
+    FlashAttn4Backend(),
+    XformersBackend(),
+    SageBackend(),
     EagerBackend(),
 ):
     _register_builtin(_backend, builtin=True)

@@ -143,6 +143,26 @@ def limit_reasons(limits: Limits, facts: CallFacts, capability: tuple[int, int] 
     return r
 
 
+def head_count_reasons(facts: CallFacts, *, same_kv_heads: bool) -> list[str]:
+    """The fused kernels' head-count rule (PyTorch's ``check_batch_size_and_num_heads_dense``;
+    flash-attn and SageAttention check the same): k/v heads equal q's, or 1 broadcast, or
+    with ``enable_gqa`` a divisor of q's."""
+    hq, hk, hv = facts.q_heads, facts.kv_heads, facts.v_shape[-3] if len(facts.v_shape) >= 3 else 1
+    if hq == hk == hv:
+        return []
+    if not facts.enable_gqa:
+        if hk == hv == 1:
+            return []
+        return [f"query heads {hq} vs key/value heads {hk}/{hv} without enable_gqa (only equal counts or 1 broadcast)"]
+    out = []
+    if same_kv_heads and hk != hv:
+        out.append(f"key heads {hk} != value heads {hv}")
+    if hq % hk or hq % hv:
+        out.append(f"query heads {hq} not divisible by key/value heads {hk}/{hv}")
+    return out
+
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_capability(index: int | None) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))  # type: ignore[return-value]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import sys
 import threading
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -35,13 +36,16 @@ class OptionalPackage:
     minimum: str | None = None
     below: str | None = None
     pip: str = ""
+    #: False when the module's ``__version__`` is wrong (flash_attn.cute reports 0.0.0) and only
+    #: the installed distribution's metadata tells the version
+    version_attribute: bool = True
     _module: ModuleType | None = field(default=None, init=False, repr=False)
     _failure: str | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def install_hint(self) -> str:
-        return f"install it with `{self.pip or 'pip install ' + self.dist}`"
+        return f"Install it with {self.pip or '`pip install ' + self.dist + '`'}"
 
     @property
     def supported_range(self) -> str:
@@ -78,7 +82,11 @@ class OptionalPackage:
             self._failure = None
 
     def version(self, module: ModuleType) -> Version | None:
-        text = getattr(module, "__version__", None)
+        text = None
+        if self.version_attribute:
+            # xformers.ops has no __version__ of its own; its top-level package does
+            top = sys.modules.get(module.__name__.split(".")[0])
+            text = getattr(module, "__version__", None) or getattr(top, "__version__", None)
         if not isinstance(text, str):
             try:
                 text = importlib.metadata.version(self.dist)

@@ -27,6 +27,14 @@ ALIASES = {
     "mem_efficient": "sdpa_efficient",
     "cudnn": "sdpa_cudnn",
     "flex_attention": "flex",
+    "flash2": "flash",
+    "flash_attn": "flash",
+    "fa2": "flash",
+    "fa3": "flash3",
+    "fa4": "flash4",
+    "xformers_mea": "xformers",
+    "sageattention": "sage",
+    "sageattn": "sage",
 }
 
 _lock = threading.RLock()

@@ -19,28 +19,11 @@ import torch.nn.functional as F
 
 from ..call import MASK_ADDITIVE, CallFacts
 from ..errors import BackendRefused
-from .base import Backend, Limits, cuda_capability
+from .base import Backend, Limits, cuda_capability, head_count_reasons
 
 _HALF = frozenset({torch.float16, torch.bfloat16})
 _CPU_FLASH_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
 _NO_KERNEL = "No available kernel"
-
-
-def _gqa_reasons(facts: CallFacts, *, same_kv_heads: bool) -> list[str]:
-    """The fused kernels' head-count rule (``check_batch_size_and_num_heads_dense``)."""
-    hq, hk, hv = facts.q_heads, facts.kv_heads, facts.v_shape[-3] if len(facts.v_shape) >= 3 else 1
-    if hq == hk == hv:
-        return []
-    if not facts.enable_gqa:
-        if hk == hv == 1:
-            return []
-        return [f"query heads {hq} vs key/value heads {hk}/{hv} without enable_gqa (only equal counts or 1 broadcast)"]
-    out = []
-    if same_kv_heads and hk != hv:
-        out.append(f"key heads {hk} != value heads {hv}")
-    if hq % hk or hq % hv:
-        out.append(f"query heads {hq} not divisible by key/value heads {hk}/{hv}")
-    return out
 
 
 class SdpaBackend(Backend):
@@ -177,7 +160,7 @@ class SdpaFlashBackend(PinnedSdpaBackend):
     }
 
     def extra_reasons(self, facts: CallFacts) -> list[str]:
-        out = _gqa_reasons(facts, same_kv_heads=True)
+        out = head_count_reasons(facts, same_kv_heads=True)
         if facts.device_type == "cuda" and facts.needs_grad:
             cap = cuda_capability(facts.device_index)
             if (8, 6) <= cap <= (8, 9) or (12, 0) <= cap <= (12, 1):
@@ -205,7 +188,7 @@ class SdpaEfficientBackend(PinnedSdpaBackend):
     def extra_reasons(self, facts: CallFacts) -> list[str]:
         if facts.device_type != "cuda":
             return []
-        out = _gqa_reasons(facts, same_kv_heads=True)
+        out = head_count_reasons(facts, same_kv_heads=True)
         cap = cuda_capability(facts.device_index)
         if facts.dtype == torch.bfloat16 and cap < (8, 0):
             out.append("bfloat16 needs compute capability >= 8.0")
@@ -244,7 +227,7 @@ class SdpaCudnnBackend(PinnedSdpaBackend):
     def extra_reasons(self, facts: CallFacts) -> list[str]:
         if facts.device_type != "cuda":
             return []
-        out = _gqa_reasons(facts, same_kv_heads=False)
+        out = head_count_reasons(facts, same_kv_heads=False)
         cap = cuda_capability(facts.device_index)
         version = torch.backends.cudnn.version() or 0
         big = (cap == (9, 0) or cap[0] == 10) and version > 92200
