@@ -1,0 +1,369 @@
+"""GPU check: every available backend's numerics and speed, one script, one call.
+
+1. Numerics: each backend (through its router, strict, so a refusal shows with its reasons)
+   against a float32 math reference, in bf16 and fp16, forward and backward, for the attention
+   shapes of ViT-B/16@224 (197 tokens), ViT-L/16@384 (577), EVA02-L@448 (1025), a head-dim-128
+   case and a q_len != kv_len case, each with and without an additive bias.
+2. Kernel speed: bf16 forward, CUDA events, median of repeats; TFLOP/s (4·B·H·Lq·Lk·D) and the
+   fraction of this GPU's measured bf16 matmul rate.
+3. End to end: timm models in bf16 (inference) patched with each backend against the same model
+   unpatched, in the same process: images/s, speedup, relative error, fallbacks.
+
+Prints the tables (the summary last) and writes everything to a JSON file. Each section stops
+early, saying so, when the time budget runs out.
+
+    python benchmarks/gpu_check.py [--budget 480] [--out gpu_check.json] [--backends a,b] [--smoke]
+
+``--smoke`` runs tiny shapes and one tiny model on whatever device there is (CPU included):
+it checks the script itself, not any kernel. With the xformers wheel carried in ``.whl``:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
+        PYTHONPATH=/tmp/site:src python benchmarks/gpu_check.py --out $OUT/gpu_check.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import attnswap
+from attnswap.errors import AttnSwapError
+from attnswap.reporting import render_table
+from attnswap.routing import Policy, Router
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    bias: bool
+
+    @property
+    def flops(self) -> float:
+        return 4.0 * self.batch * self.heads * self.q_len * self.kv_len * self.head_dim
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}{' +bias' if self.bias else ''}"
+
+
+def cases(smoke: bool) -> list[Case]:
+    if smoke:
+        shapes = [("tiny", 2, 2, 17, 17, 16), ("tiny_cross", 2, 2, 9, 13, 16)]
+    else:
+        shapes = [
+            ("vit_b16_224", 32, 12, 197, 197, 64),
+            ("vit_l16_384", 8, 16, 577, 577, 64),
+            ("eva02_l14_448", 4, 16, 1025, 1025, 64),
+            ("d128_1024", 8, 16, 1024, 1024, 128),
+            ("cross_197x50", 32, 12, 197, 50, 64),
+        ]
+    return [Case(*s, bias=b) for s in shapes for b in (False, True)]
+
+
+MODELS = [  # (timm name, batch for an 80 GB card, bf16 inference)
+    ("vit_base_patch16_224", 256),
+    ("vit_large_patch16_384", 32),
+    ("eva02_large_patch14_448", 16),
+    ("swin_base_patch4_window7_224", 128),
+]
+SMOKE_MODELS = [("test_vit", 2)]
+TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+class Clock:
+    def __init__(self, budget_s: float) -> None:
+        self.deadline = time.monotonic() + budget_s
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 15) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+def inputs(case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    q = r(case.batch, case.heads, case.q_len, case.head_dim)
+    k = r(case.batch, case.heads, case.kv_len, case.head_dim)
+    v = r(case.batch, case.heads, case.kv_len, case.head_dim)
+    # a relative-position-like bias: one per head, shared over the batch
+    bias = r(case.heads, case.q_len, case.kv_len, scale=2.0) if case.bias else None
+    return q, k, v, bias
+
+
+def router_for(name: str, site: str) -> Router:
+    return Router(Policy(name, (), strict=True), site=site)
+
+
+def refusal(exc: Exception) -> str:
+    if isinstance(exc, attnswap.UnsupportedCall):
+        reasons = [r for rs in exc.reasons.values() for r in rs]
+        return "refused: " + "; ".join(reasons)
+    return f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def check_numerics(backends, all_cases, device, clock) -> list[dict]:
+    rows = []
+    for case in all_cases:
+        for dtype in (torch.bfloat16, torch.float16):
+            q, k, v, bias = inputs(case, dtype, device)
+            qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+            bf = None if bias is None else bias.float()
+            ref = router_for("sdpa_math", "reference")(qf, kf, vf, attn_mask=bf)
+            grad_out = torch.randn_like(ref)
+            ref.backward(grad_out)
+            ref_grads = [t.grad for t in (qf, kf, vf)]
+            for name in backends:
+                if clock.left() < 0:
+                    rows.append(dict(case=case.label, dtype=str(dtype)[6:], backend=name, status="skipped: time budget"))
+                    continue
+                row = dict(case=case.label, dtype=str(dtype)[6:], backend=name)
+                try:
+                    with torch.no_grad():
+                        out = router_for(name, "fwd")(q, k, v, attn_mask=bias)
+                    row["fwd_rel_err"] = rel(out, ref.detach())
+                    row["status"] = "ok"
+                except Exception as exc:  # noqa: BLE001 - every failure is a row, never a crash
+                    row["status"] = refusal(exc)
+                    rows.append(row)
+                    continue
+                qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+                try:
+                    out = router_for(name, "bwd")(qg, kg, vg, attn_mask=bias)
+                    out.backward(grad_out.to(dtype))
+                    row["bwd_rel_err"] = max(rel(t.grad, g) for t, g in zip((qg, kg, vg), ref_grads))
+                except Exception as exc:  # noqa: BLE001
+                    row["bwd"] = refusal(exc)
+                exact = attnswap.get_backend(name).exact
+                worst = max(row.get("fwd_rel_err", 0.0), row.get("bwd_rel_err", 0.0))
+                row["within_tolerance"] = (not exact) or worst < TOLERANCE[dtype]
+                rows.append(row)
+    return rows
+
+
+def matmul_tflops(device: torch.device, smoke: bool) -> float:
+    n = 512 if smoke else 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = median_ms(lambda: a @ b, device, warmup=5, repeats=20)
+    return 2.0 * n**3 / (ms * 1e-3) / 1e12
+
+
+def time_kernels(backends, all_cases, device, peak, clock, smoke) -> list[dict]:
+    rows = []
+    for case in all_cases:
+        q, k, v, bias = inputs(case, torch.bfloat16, device)
+        for name in backends:
+            row = dict(case=case.label, backend=name)
+            if clock.left() < 0:
+                row["status"] = "skipped: time budget"
+                rows.append(row)
+                continue
+            router = router_for(name, "timing")
+            try:
+                with torch.no_grad():
+                    ms = median_ms(lambda: router(q, k, v, attn_mask=bias), device, repeats=5 if smoke else 20)
+            except Exception as exc:  # noqa: BLE001
+                row["status"] = refusal(exc)
+                rows.append(row)
+                continue
+            tflops = case.flops / (ms * 1e-3) / 1e12
+            row.update(status="ok", ms=ms, tflops=tflops, of_peak=tflops / peak if peak else None)
+            rows.append(row)
+    return rows
+
+
+def end_to_end(backends, models, device, clock, smoke) -> list[dict]:
+    import timm
+
+    rows = []
+    for model_name, batch in models:
+        if clock.left() < (0 if smoke else 30):
+            rows.append(dict(model=model_name, backend="*", status="skipped: time budget"))
+            continue
+        try:
+            with torch.device(device):
+                model = timm.create_model(model_name, pretrained=False).eval().to(torch.bfloat16)
+            size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+            x = torch.randn(batch, *size, device=device, dtype=torch.bfloat16)
+            with torch.no_grad():
+                ref = model.forward_features(x)
+                base_ms = median_ms(lambda: model(x), device, warmup=2, repeats=3 if smoke else 10)
+        except Exception as exc:  # noqa: BLE001 (out of memory, a model missing in this timm)
+            rows.append(dict(model=model_name, backend="unpatched", status=refusal(exc)))
+            continue
+        rows.append(dict(model=model_name, backend="unpatched", status="ok", batch=batch, ms=base_ms,
+                         images_per_s=batch / (base_ms * 1e-3), speedup=1.0))
+        for name in backends:
+            if clock.left() < (0 if smoke else 20):
+                rows.append(dict(model=model_name, backend=name, status="skipped: time budget"))
+                continue
+            row = dict(model=model_name, backend=name, batch=batch)
+            try:
+                with attnswap.patched(model, backend=name), torch.no_grad():
+                    out = model.forward_features(x)  # the first call also compiles (flex)
+                    row["rel_err"] = rel(out, ref)
+                    attnswap.stats(model, reset=True)
+                    ms = median_ms(lambda: model(x), device, warmup=1, repeats=3 if smoke else 10)
+                    stats = attnswap.stats(model)
+                row.update(status="ok", ms=ms, images_per_s=batch / (ms * 1e-3), speedup=base_ms / ms,
+                           calls=stats.total_calls, fallbacks=stats.fallback_calls, served=stats.by_backend())
+            except Exception as exc:  # noqa: BLE001
+                row["status"] = refusal(exc)
+            rows.append(row)
+        del model, x, ref
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def environment(device: torch.device) -> dict:
+    import timm
+
+    env = dict(
+        date=time.strftime("%Y-%m-%d"), python=platform.python_version(), torch=torch.__version__,
+        timm=timm.__version__, attnswap=attnswap.__version__, device=str(device),
+    )
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), capability=torch.cuda.get_device_capability(device),
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    for dist in ("xformers", "flash_attn", "flash_attn_3", "flash-attn-4", "sageattention", "triton"):
+        try:
+            import importlib.metadata
+
+            env[dist] = importlib.metadata.version(dist)
+        except Exception:  # noqa: BLE001
+            pass
+    return env
+
+
+def fmt(x, spec=".2e") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def print_tables(result: dict) -> None:
+    env = result["environment"]
+    caption = ", ".join(f"{k} {v}" for k, v in env.items())
+    print(render_table("backends here", ("backend", "available", "why not"),
+                       [(b["name"], "yes" if b["available"] else "no", b["reason"]) for b in result["backends"]], caption))
+    print(render_table(
+        "numerics vs float32 math (max |Δ| / max |ref|)", ("case", "dtype", "backend", "forward", "backward", "ok"),
+        [(r["case"], r["dtype"], r["backend"], fmt(r.get("fwd_rel_err")) or r["status"],
+          fmt(r.get("bwd_rel_err")) or r.get("bwd", ""), {True: "yes", False: "NO"}.get(r.get("within_tolerance"), ""))
+         for r in result["numerics"]],
+    ))
+    print(render_table(
+        f"kernel speed, bf16 forward (matmul peak measured: {result['matmul_tflops']:.0f} TFLOP/s)",
+        ("case", "backend", "ms", "TFLOP/s", "of peak"),
+        [(r["case"], r["backend"], fmt(r.get("ms"), ".3f") or r["status"], fmt(r.get("tflops"), ".1f"),
+          fmt(r.get("of_peak"), ".0%")) for r in result["kernels"]],
+    ))
+    print(render_table(
+        "end to end, bf16 inference (same process, unpatched first)",
+        ("model", "backend", "batch", "ms", "img/s", "speedup", "rel err", "fallbacks"),
+        [(r["model"], r["backend"], r.get("batch", ""), fmt(r.get("ms"), ".1f") or r["status"],
+          fmt(r.get("images_per_s"), ".0f"), fmt(r.get("speedup"), ".2f"), fmt(r.get("rel_err")),
+          r.get("fallbacks", "")) for r in result["models"]],
+    ))
+    bad = [r for r in result["numerics"] if r.get("within_tolerance") is False]
+    best = {}
+    for r in result["models"]:
+        if r.get("status") == "ok" and r["backend"] != "unpatched" and not r.get("fallbacks"):
+            if r["model"] not in best or r["speedup"] > best[r["model"]]["speedup"]:
+                best[r["model"]] = r
+    print(render_table(
+        "summary", ("what", "result"),
+        [("numerics outside tolerance", str(len(bad)) + (": " + ", ".join(f"{r['backend']}/{r['case']}/{r['dtype']}" for r in bad[:8]) if bad else "")),
+         *[(f"fastest on {m}", f"{r['backend']} ({r['speedup']:.2f}x, {r['images_per_s']:.0f} img/s)") for m, r in best.items()],
+         ("seconds", f"{result['seconds']:.0f}")],
+        caption,
+    ))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run")
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_check.json"))
+    parser.add_argument("--backends", help="comma-separated (default: every available one)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes and model: checks the script, not kernels")
+    args = parser.parse_args(argv)
+
+    started = time.monotonic()
+    clock = Clock(args.budget)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    infos = attnswap.list_backends()
+    backends = [b.name for b in infos if b.available]
+    if args.smoke:  # flex compiles for minutes on a CPU; name it with --backends to include it
+        backends = [b for b in backends if b != "flex"]
+    if args.backends:
+        backends = [attnswap.backends.resolve_name(n) for n in args.backends.split(",")]
+    result: dict = dict(environment=environment(device), backends=[b.as_dict() for b in infos], selected=backends)
+    all_cases = cases(args.smoke)
+    # numerics first (the check), speed next, whole models last; each gets part of the budget
+    section = Clock(args.budget * 0.25)
+    result["numerics"] = check_numerics(backends, all_cases, device, section)
+    result["matmul_tflops"] = matmul_tflops(device, args.smoke)
+    section = Clock(min(args.budget * 0.25, clock.left()))
+    timed = [b for b in backends if b != "eager"] if not args.smoke else backends
+    result["kernels"] = time_kernels(timed, [c for c in all_cases], device, result["matmul_tflops"], section, args.smoke)
+    models = SMOKE_MODELS if args.smoke else MODELS
+    result["models"] = end_to_end([b for b in timed if b != "sdpa_math"] if not args.smoke else timed, models, device, clock, args.smoke)
+    result["seconds"] = time.monotonic() - started
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print_tables(result)
+    print(f"full results: {args.out}")
+    return 1 if any(r.get("within_tolerance") is False for r in result["numerics"]) else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except AttnSwapError:
+        traceback.print_exc()
+        sys.exit(2)

@@ -1,0 +1,26 @@
+"""benchmarks/gpu_check.py runs end to end (its --smoke mode, on whatever device is here), so the
+one script a lent GPU gets is known to work before the GPU time is spent."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+
+
+def test_gpu_check_smoke_writes_every_section(tmp_path, capsys):
+    import gpu_check
+
+    out = tmp_path / "result.json"
+    code = gpu_check.main(["--smoke", "--budget", "120", "--out", str(out), "--backends", "sdpa,sdpa_cudnn,eager"])
+    result = json.loads(out.read_text())
+    assert code == 0
+    assert {r["backend"] for r in result["numerics"]} == {"sdpa", "sdpa_cudnn", "eager"}
+    ok = [r for r in result["numerics"] if r["status"] == "ok"]
+    assert ok and all(r["within_tolerance"] and "bwd_rel_err" in r for r in ok)
+    if result["environment"]["device"] == "cpu":
+        assert all(r["status"].startswith("refused: device cpu") for r in result["numerics"] if r["backend"] == "sdpa_cudnn")
+    assert [r["backend"] for r in result["models"]] == ["unpatched", "sdpa", "sdpa_cudnn", "eager"]
+    assert all(r["status"] == "ok" for r in result["models"])
+    printed = capsys.readouterr().out
+    assert printed.index("numerics vs float32 math") < printed.index("summary")
