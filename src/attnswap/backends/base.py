@@ -58,6 +58,8 @@ class Limits:
     dropout: bool = True
     custom_scale: bool = True
     backward: bool = True
+    #: False: dynamo cannot trace the kernel (no torch.library op); refused inside torch.compile
+    compile: bool = True
     min_cuda_capability: tuple[int, int] | None = None
     max_cuda_capability: tuple[int, int] | None = None
 
@@ -140,6 +142,8 @@ def limit_reasons(limits: Limits, facts: CallFacts, capability: tuple[int, int] 
         r.append(f"custom scale {facts.scale:g} not supported")
     if facts.needs_grad and not limits.backward:
         r.append("needs backward (this backend is forward-only here)")
+    if facts.in_graph and not limits.compile:
+        r.append("inside torch.compile (the kernel cannot be traced)")
     return r
 
 

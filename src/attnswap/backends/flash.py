@@ -108,7 +108,8 @@ class FlashAttn4Backend(PackagedBackend):
         version_attribute=False,
     )
     function = "flash_attn_func"
-    cuda_limits = Limits(**_FLASH_COMMON, head_dim_multiple=8, dropout=False, max_cuda_capability=(12, 9))
+    # FA4 registers no torch.library op: dynamo cannot trace its DLPack/JIT path (flex can run FA4 kernels)
+    cuda_limits = Limits(**_FLASH_COMMON, head_dim_multiple=8, dropout=False, compile=False, max_cuda_capability=(12, 9))
 
     def extra_reasons(self, facts: CallFacts) -> list[str]:
         if facts.device_type != "cuda":
@@ -132,9 +133,6 @@ class FlashAttn4Backend(PackagedBackend):
             out.append(f"backward on sm{major}x (FA4's backward needs sm90+)")
         if facts.needs_grad and major == 12 and deterministic():
             out.append("deterministic backward on sm12x is not supported by FA4")
-        if facts.in_graph:
-            # FA4 registers no torch.library op: dynamo cannot trace its DLPack/JIT path
-            out.append("inside torch.compile (FA4 is not a custom op; use 'flex', which can run FA4 kernels)")
         return out
 
     def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
