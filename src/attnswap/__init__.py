@@ -11,6 +11,7 @@ Importing attnswap imports no optional backend package.
 from __future__ import annotations
 
 from .api import is_patched, patch, patched, stats, unpatch
+from .auto import decisions as auto_decisions
 from .backends import (
     Backend,
     BackendInfo,
@@ -39,6 +40,7 @@ __all__ = [
     "SiteReport",
     "SiteStats",
     "UnsupportedCall",
+    "auto_decisions",
     "get_backend",
     "is_patched",
     "list_backends",

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from typing import Iterator, Sequence
 
 import torch
 
+from .auto import AUTO, CACHE_ENV, TUNER
 from .backends import registry
 from .errors import AttnSwapError, BackendUnavailable, PatchError
 from .report import MANUAL, NOT_ATTENTION, NOT_ROUTABLE, PATCHED, Fallback, ModelStats, PatchReport, SiteReport, SiteStats
 from .routing import ROUTER_ATTR, Policy, Router
-from .surgery.discover import Selector, candidates, class_label
+from .surgery.discover import Selector, class_label
+from .surgery.discover import candidates as find_sites
 from .surgery.reroute import analyze, original_class
 from .surgery.swap import check_installable, install, router_of, uninstall
 
@@ -46,8 +49,15 @@ def _cast_dtype(cast: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def _policy(
-    backend: str, fallback: str | Sequence[str] | None, strict: bool, cast: str | torch.dtype | None = None
+    backend: str, fallback: str | Sequence[str] | None, strict: bool, cast: str | torch.dtype | None = None,
+    candidates: str | Sequence[str] | None = None,
 ) -> tuple[Policy, str]:
+    if backend == AUTO:
+        # auto's "fallback" is its own ranking of every backend it timed (then sdpa)
+        names = None
+        if candidates is not None:
+            names = tuple(dict.fromkeys(registry.resolve_name(n) for n in ([candidates] if isinstance(candidates, str) else candidates)))
+        return Policy(AUTO, (), bool(strict), _cast_dtype(cast), names), ""
     name = registry.resolve_name(backend)
     if fallback is None:
         chain = tuple(n for n in DEFAULT_FALLBACK if n != name)
@@ -75,6 +85,8 @@ def patch(
     include: Selector | Sequence[Selector] | None = None,
     exclude: Selector | Sequence[Selector] | None = None,
     cast: str | torch.dtype | None = None,
+    auto_cache: str | os.PathLike | None = None,
+    candidates: str | Sequence[str] | None = None,
 ) -> PatchReport:
     """Route every attention computation of ``model`` through ``backend``, in place.
 
@@ -84,7 +96,11 @@ def patch(
 
     Args:
         model: any ``torch.nn.Module`` (timm models above all).
-        backend: a name from :func:`list_backends`, e.g. ``"sdpa"``, ``"flex"``, ``"sdpa_math"``.
+        backend: a name from :func:`list_backends`, e.g. ``"sdpa"``, ``"flex"``, ``"sdpa_math"``;
+            or ``"auto"``: for each call signature, the first call checks every available
+            exact backend against a float64 reference and times the ones within tolerance on
+            that call's inputs; the fastest serves that signature from then on (see
+            :func:`attnswap.auto_decisions`).
         fallback: backends to try, in order, for a call ``backend`` cannot take (bias on a
             kernel without bias, dropout on flex, ...). Default: ``("sdpa",)``. Every fallback
             is counted in :func:`stats` with its reasons.
@@ -100,6 +116,12 @@ def patch(
             fp16 11 bits but overflows past 65504. Off by default: float32 calls then fall back.
             Calls the backend takes as they are are never cast; the down-cast calls show in
             :func:`stats` as e.g. ``flash (bfloat16)``.
+        auto_cache: with ``backend="auto"``, a JSON file to load earlier decisions from and
+            save new ones to (default: ``$ATTNSWAP_AUTO_CACHE`` if set). Decisions are keyed
+            by device name, torch version and kernel package versions, so a file made
+            elsewhere is never misapplied.
+        candidates: with ``backend="auto"``, the only backends it may choose from (default:
+            every available exact backend).
 
     Returns:
         A :class:`PatchReport` listing every site, what was done and what could not be.
@@ -115,9 +137,13 @@ def patch(
         print(report)
     """
     _check_model(model)
-    policy, unavailable = _policy(backend, fallback, strict, cast)
+    policy, unavailable = _policy(backend, fallback, strict, cast, candidates)
+    if policy.backend == AUTO:
+        path = auto_cache if auto_cache is not None else os.environ.get(CACHE_ENV)
+        if path:
+            TUNER.use_file(path)
     with _surgery_lock:
-        found = list(candidates(model, include, exclude))
+        found = list(find_sites(model, include, exclude))
         plan: list[tuple] = []
         sites: list[SiteReport] = []
         for c in found:
@@ -235,7 +261,10 @@ def stats(model: torch.nn.Module, *, reset: bool = False) -> ModelStats:
             if t.is_fallback and (t.calls or t.traced):
                 fallbacks.append(Fallback(t.label, {name: tuple(r) for name, r in t.tried}, t.calls, t.traced))
         out.append(
-            SiteStats(path, router.site_class, router.policy.backend, calls, tuple(fallbacks), traced, dict(router.unrouted))
+            SiteStats(
+                path, router.site_class, router.policy.backend, calls, tuple(fallbacks), traced, dict(router.unrouted),
+                router.tuning_seconds,
+            )
         )
         if reset:
             router.reset_stats()

@@ -238,3 +238,30 @@ def to_4d(
 
 def _identity(out: torch.Tensor) -> torch.Tensor:
     return out
+
+
+DTYPES = {
+    str(d).replace("torch.", ""): d
+    for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.bool,
+              torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8, torch.int32, torch.int64)
+}
+DTYPE_NAMES = {d: n for n, d in DTYPES.items()}
+
+
+def facts_key(f: CallFacts) -> tuple:
+    """The facts of a call being traced, as plain constants dynamo can hand to an eagerly run function."""
+    return (
+        f.device_type, f.device_index, DTYPE_NAMES[f.dtype], f.q_shape, f.k_shape, f.v_shape, f.kv_dtypes_match,
+        f.mask_kind, f.mask_shape, None if f.mask_dtype is None else DTYPE_NAMES[f.mask_dtype], f.mask_requires_grad,
+        f.is_causal, f.dropout_p, f.scale, f.enable_gqa, f.needs_grad, True,
+    )
+
+
+def facts_from_key(key: tuple) -> CallFacts:
+    (dev, idx, dtype, qs, ks, vs, kvm, mk, ms, mdt, mrg, causal, p, scale, gqa, grad, in_graph) = key
+    return CallFacts(
+        device_type=dev, device_index=idx, dtype=DTYPES[dtype], q_shape=tuple(qs), k_shape=tuple(ks),
+        v_shape=tuple(vs), kv_dtypes_match=kvm, mask_kind=mk, mask_shape=None if ms is None else tuple(ms),
+        mask_dtype=None if mdt is None else DTYPES[mdt], mask_requires_grad=mrg, is_causal=causal,
+        dropout_p=p, scale=scale, enable_gqa=gqa, needs_grad=grad, in_graph=in_graph,
+    )

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .reporting import build_table, render_table
+
+if TYPE_CHECKING:
+    import torch
 
 PATCHED = "patched"
 NOT_ROUTABLE = "not routable"
@@ -116,6 +119,8 @@ class SiteStats:
     traced: dict[str, int] = field(default_factory=dict)
     #: hand-written attention the module computed with its own code instead, by why
     unrouted: dict[str, int] = field(default_factory=dict)
+    #: seconds ``auto`` spent tuning the signatures this site met first
+    tuning_seconds: float = 0.0
 
     @property
     def total_calls(self) -> int:
@@ -145,6 +150,11 @@ class ModelStats(list):
         return sum(s.fallback_calls for s in self)
 
     @property
+    def tuning_seconds(self) -> float:
+        """Seconds ``auto`` spent choosing backends (counted once, at the site that met a signature first)."""
+        return sum(s.tuning_seconds for s in self)
+
+    @property
     def unrouted_calls(self) -> int:
         """Hand-written attentions that the module's own code computed (not routed)."""
         return sum(sum(s.unrouted.values()) for s in self)
@@ -165,15 +175,20 @@ class ModelStats(list):
             rows.append((s.path or "<root>", s.cls.rsplit(".", 1)[-1], s.backend, calls, why))
         return rows
 
-    def __str__(self) -> str:
+    def _caption(self) -> str:
         caption = f"{self.total_calls} calls, {self.fallback_calls} fell back" if self else "no patched sites"
+        if self.tuning_seconds:
+            caption += f"; auto tuning took {self.tuning_seconds:.2f} s"
+        return caption
+
+    def __str__(self) -> str:
         return render_table(
             "attnswap: attention calls per site", ("site", "class", "asked", "calls served by", "fallbacks and why"),
-            self._rows(), caption,
+            self._rows(), self._caption(),
         )
 
     def __rich__(self):
         return build_table(
             "attnswap: attention calls per site", ("site", "class", "asked", "calls served by", "fallbacks and why"),
-            self._rows(),
+            self._rows(), self._caption(),
         )

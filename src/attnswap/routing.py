@@ -21,14 +21,15 @@ import itertools
 import logging
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from .auto import AUTO, TUNER, UNTUNED_DEFAULT
 from .backends import registry
 from .backends.base import Backend, FunctionBackend, dtype_name
-from .call import CallFacts, facts_of, to_4d
+from .call import DTYPE_NAMES, DTYPES, CallFacts, facts_from_key, facts_key, facts_of, to_4d
 from .errors import AttnSwapError, BackendRefused, UnsupportedCall
 
 logger = logging.getLogger("attnswap")
@@ -54,6 +55,8 @@ class Policy:
     strict: bool = False
     #: float16/bfloat16: a backend that refuses a float32 call only for its dtype runs it down-cast
     cast: torch.dtype | None = None
+    #: with backend "auto": the backends it may time (None: every available exact one)
+    candidates: tuple[str, ...] | None = None
 
     @property
     def chain(self) -> tuple[str, ...]:
@@ -208,6 +211,8 @@ class Router:
         self._tallies: dict[tuple, Tally] = {}
         #: hand-written attention the module computed itself, by why (see surgery.scores)
         self.unrouted: dict[str, int] = {}
+        #: seconds ``auto`` spent tuning signatures this site met first
+        self.tuning_seconds = 0.0
         self._lock = threading.Lock()
         self._register_token()
         self._reset()
@@ -234,6 +239,7 @@ class Router:
             "hook_ids": self.hook_ids,
             "tallies": list(self._tallies.values()),
             "unrouted": dict(self.unrouted),
+            "tuning_seconds": self.tuning_seconds,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -244,6 +250,7 @@ class Router:
         self.hook_ids = list(state.get("hook_ids", []))
         self._tallies = {(t.backend, t.tried, t.cast): t for t in state["tallies"]}
         self.unrouted = dict(state.get("unrouted", {}))
+        self.tuning_seconds = state.get("tuning_seconds", 0.0)
         self._lock = threading.Lock()
         self._register_token()
         self._reset()
@@ -266,6 +273,7 @@ class Router:
             t.calls = 0
             t.traced = 0
         self.unrouted.clear()
+        self.tuning_seconds = 0.0
 
     def note_settled(self, why: str) -> None:
         """A hand-written attention's scores were computed by the module's own code (counted)."""
@@ -313,22 +321,28 @@ class Router:
     # -- decisions ------------------------------------------------------------------------
     def _new_plan(self, sig, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> Plan:
         facts = facts_of(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        plan = self._plan_for(facts, self._refused.get(sig))
+        args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        plan = self._plan_for(facts, self._refused.get(sig), args)
         with self._lock:
             if len(self._plans) >= _PLAN_CACHE_LIMIT:
                 self._plans.clear()
             self._plans[sig] = plan
         return plan
 
-    def _plan_for(self, facts: CallFacts, refused: dict[str, str] | None = None) -> Plan:
-        d = self.decide(facts, refused)
+    def _plan_for(self, facts: CallFacts, refused: dict[str, str] | None = None, args: tuple | None = None) -> Plan:
+        d = self.decide(facts, refused, args)
         return Plan(_runner(d.backend, d.reshape_4d, self.site, d.cast), self._tally(d.backend.name, d.tried, d.cast))
 
-    def decide(self, facts: CallFacts, refused: dict[str, str] | None = None) -> Decision:
-        """Which backend serves ``facts``, how, and every refusal before it."""
+    def decide(self, facts: CallFacts, refused: dict[str, str] | None = None, args: tuple | None = None) -> Decision:
+        """Which backend serves ``facts``, how, and every refusal before it.
+
+        ``args`` are the call's own tensors and options; ``auto`` tunes on them when the
+        signature is new (without them it only looks up an earlier decision)."""
         errors = _call_errors(facts)
         if errors:
             raise AttnSwapError(f"invalid attention call at site {self.site or '<root>'}: {'; '.join(errors)} ({facts.describe()})")
+        if self.policy.backend == AUTO:
+            return self._decide_auto(facts, refused, args)
         tried: list[tuple[str, tuple[str, ...]]] = []
         for name in self.policy.chain:
             backend = registry._backends.get(name)
@@ -363,6 +377,33 @@ class Router:
         )
         raise UnsupportedCall(self.site, facts, {n: list(r) for n, r in tried}, hint=hint)
 
+    def _decide_auto(self, facts: CallFacts, refused: dict[str, str] | None, args: tuple | None) -> Decision:
+        names = self.policy.candidates
+        choice = TUNER.lookup(facts, names)
+        if choice is None and args is not None:
+            choice = TUNER.choose(facts, args, lambda backend, reshape_4d: _runner(backend, reshape_4d, self.site), names)
+            self.tuning_seconds += choice.seconds
+        tried: list[tuple[str, tuple[str, ...]]] = []
+        if choice is None:
+            ranked = [UNTUNED_DEFAULT]
+            tried.append((AUTO, ("not tuned: first met inside torch.compile (or on a tensor subclass); "
+                                 "run one eager call first, or load a tuning file",)))
+        else:
+            ranked = [choice.backend, *(n for n in choice.ranked() if n != choice.backend)]
+        for name in dict.fromkeys([*ranked, UNTUNED_DEFAULT]):
+            backend = registry._backends.get(name)
+            if refused and name in refused:
+                tried.append((name, (refused[name],)))
+                continue
+            if backend is None or backend.unavailable_reason is not None:
+                continue
+            reasons, reshape_4d = backend.reasons(facts)
+            if reasons:  # a decision made eagerly, met again inside a compiled graph
+                tried.append((name, tuple(reasons)))
+                continue
+            return Decision(backend, reshape_4d, tuple(tried))
+        raise UnsupportedCall(self.site, facts, {n: list(r) for n, r in tried}, hint="auto found no backend")
+
     def _warn_fallback(self, used: str, tried: list[tuple[str, tuple[str, ...]]]) -> None:
         key = (self.site_class, tuple(tried))
         with _warned_lock:
@@ -393,8 +434,8 @@ class Router:
             return self._trace_fx(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if _is_compiling():
             facts = facts_of(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-            name, reshape_4d, cast = _decide_while_tracing(self._token, _facts_key(facts))
-            run = _runner(registry._backends[name], reshape_4d, self.site, None if cast is None else _DTYPES[cast])
+            name, reshape_4d, cast = _decide_while_tracing(self._token, facts_key(facts))
+            run = _runner(registry._backends[name], reshape_4d, self.site, None if cast is None else DTYPES[cast])
             return run(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         # a tensor subclass (FakeTensor under export, DTensor, ...): same decision, not cached
         facts = facts_of(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -442,33 +483,6 @@ def call_router(router: Router, query, key, value, attn_mask=None, dropout_p=0.0
 
 call_router.__module__ = "attnswap.routing"
 
-_DTYPES = {
-    str(d).replace("torch.", ""): d
-    for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.bool,
-              torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8, torch.int32, torch.int64)
-}
-_DTYPE_NAMES = {d: n for n, d in _DTYPES.items()}
-
-
-def _facts_key(f: CallFacts) -> tuple:
-    """The facts of a call being traced, as plain constants dynamo can hand to an eagerly run function."""
-    return (
-        f.device_type, f.device_index, _DTYPE_NAMES[f.dtype], f.q_shape, f.k_shape, f.v_shape, f.kv_dtypes_match,
-        f.mask_kind, f.mask_shape, None if f.mask_dtype is None else _DTYPE_NAMES[f.mask_dtype], f.mask_requires_grad,
-        f.is_causal, f.dropout_p, f.scale, f.enable_gqa, f.needs_grad, True,
-    )
-
-
-def _facts_from_key(key: tuple) -> CallFacts:
-    (dev, idx, dtype, qs, ks, vs, kvm, mk, ms, mdt, mrg, causal, p, scale, gqa, grad, in_graph) = key
-    return CallFacts(
-        device_type=dev, device_index=idx, dtype=_DTYPES[dtype], q_shape=tuple(qs), k_shape=tuple(ks),
-        v_shape=tuple(vs), kv_dtypes_match=kvm, mask_kind=mk, mask_shape=None if ms is None else tuple(ms),
-        mask_dtype=None if mdt is None else _DTYPES[mdt], mask_requires_grad=mrg, is_causal=causal,
-        dropout_p=p, scale=scale, enable_gqa=gqa, needs_grad=grad, in_graph=in_graph,
-    )
-
-
 def _assume_constant_result(fn: Callable) -> Callable:
     # torch.compiler.assume_constant_result imports torch._dynamo (about a second, and triton)
     # only to set this attribute; setting it here keeps `import attnswap` light. A test checks
@@ -481,6 +495,6 @@ def _assume_constant_result(fn: Callable) -> Callable:
 def _decide_while_tracing(token: int, key: tuple) -> tuple[str, bool, str | None]:
     """Runs eagerly while dynamo traces: the decision (and its bookkeeping) never enters the graph."""
     router = _live_routers[token]
-    d = router.decide(_facts_from_key(key))
+    d = router.decide(facts_from_key(key))
     router._tally(d.backend.name, d.tried, d.cast).traced += 1
-    return d.backend.name, d.reshape_4d, None if d.cast is None else _DTYPE_NAMES[d.cast]
+    return d.backend.name, d.reshape_4d, None if d.cast is None else DTYPE_NAMES[d.cast]
