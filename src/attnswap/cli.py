@@ -1,20 +1,21 @@
 """The ``attnswap`` command line.
 
     attnswap backends [--json]
-    attnswap demo [MODEL] [--backends sdpa,sdpa_math,...] [--batch N] [--img-size S] [--dtype float32] [--repeats R]
+    attnswap bench [MODEL] [--backends sdpa,flex,auto,...] [--batch N] [--img-size S] [--dtype D] [--device D]
+                   [--compile] [--train] [--threads T] [--repeats R] [--plot FILE.png] [--json FILE]
+    (``attnswap demo`` is the same command)
     attnswap coverage [GLOB ...] [--out COVERAGE.md] [--json FILE] [--no-numerics] [--max-params 100]
 
-``demo`` is the main job: it builds a timm model locally (no weights are downloaded),
-patches it with each backend in turn, and shows which sites were routed, which backend
-served every call (fallbacks with reasons) and how far each output is from the unpatched
-model's, with forward times measured side by side.
+``bench`` is the main job: it builds a timm model locally (no weights are downloaded),
+patches it with each backend in turn, and shows which backend served every call (fallbacks
+with reasons), how far each output is from the unpatched model's, and forward times measured
+side by side (rounds interleaved, medians with min-max).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from typing import Sequence
@@ -51,81 +52,35 @@ def cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
-def _time_forward(model, x, repeats: int) -> list[float]:
+def cmd_bench(args: argparse.Namespace) -> int:
     import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    times = []
-    with torch.no_grad():
-        model(x)  # warm-up: decisions made, kernels compiled
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t)
-    return times
+    from . import bench
 
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import api
-    from .backends import registry
-    from .reporting import build_table
-
-    try:
-        import timm
-    except ImportError:
-        print("attnswap demo needs timm: pip install timm", file=sys.stderr)
-        return 2
-    dtype = getattr(torch, args.dtype)
-    backends = [registry.resolve_name(b.strip()) for b in args.backends.split(",") if b.strip()]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    shape = tuple(int(n) for n in args.input_shape.split(",")) if args.input_shape else None
     console = _console()
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).eval().to(dtype)
-    size = args.img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-    x = torch.randn(args.batch, 3, size, size, dtype=dtype)
-    with torch.no_grad():
-        ref = model(x)
-    base = _time_forward(model, x, args.repeats)
-    rows = [("unpatched", "-", "-", "-", f"{statistics.median(base) * 1e3:.1f}", "1.00", "-")]
-    first_report = None
-    with console.status("running") as status:
-        for name in backends:
-            status.update(f"{args.model}: {name}")
-            report = api.patch(model, backend=name)
-            first_report = first_report or report
-            with torch.no_grad():
-                out = model(x)
-            times = _time_forward(model, x, args.repeats)
-            stats = api.stats(model)
-            err = ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
-            served = ", ".join(f"{b}: {n}" for b, n in stats.by_backend().items())
-            why = sorted({f"{b}: {'; '.join(r)}" for s in stats for fb in s.fallbacks for b, r in fb.refused.items()})
-            rows.append((
-                name, str(len(report)), served, f"{err:.1e}", f"{statistics.median(times) * 1e3:.1f}",
-                f"{statistics.median(base) / statistics.median(times):.2f}", " | ".join(why) or "-",
-            ))
-            api.unpatch(model)
-    if first_report is not None:
-        if args.sites:
-            console.print(first_report)
-        else:
-            flags = sorted({f for s in first_report.patched for f in s.flags})
-            console.print(
-                f"{args.model}: {len(first_report)} attention sites routed"
-                + (f" (set {', '.join(f + '=True' for f in flags)} on them to take their SDPA path)" if flags else "")
-                + (f"; {len(first_report.not_routable)} attention-like modules not routed" if first_report.not_routable else "")
-                + " (--sites lists them)"
-            )
-    caption = (
-        f"{args.model}, batch {args.batch}, {size}px, {args.dtype}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, median of {args.repeats} forwards after one warm-up"
-    )
-    console.print(build_table(
-        "attnswap demo: every attention call routed, outputs compared with the unpatched model",
-        ("backend", "sites", "calls served by", "max rel. error", "forward ms", "speed-up", "fallback reasons"),
-        rows, caption,
-    ))
-    return 0
+    steps = (len(backends) + 1) * (args.repeats + 1)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(f"{args.model}: building", total=steps)
+
+        def advance(what: str) -> None:
+            bar.update(task, advance=1, description=f"{args.model}: {what}")
+
+        result = bench.run_named(
+            args.model, backends, batch=args.batch, img_size=args.img_size, input_shape=shape, dtype=args.dtype,
+            device=args.device, repeats=args.repeats, train=args.train, compile=args.compile, progress=advance,
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.as_dict(), f, indent=1, default=str)
+    if args.plot:
+        result.plot(args.plot)
+    console.print(result.table())
+    return 1 if any(v.error for v in result.variants) else 0
 
 
 def cmd_coverage(args: argparse.Namespace) -> int:
@@ -184,15 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backends", help="list every backend, available or not, with its limits")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_backends)
-    p = sub.add_parser("demo", help="patch a locally built timm model with each backend and compare")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
-    p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"comma-separated (default {DEFAULT_BACKENDS})")
+    p = sub.add_parser(
+        "bench", aliases=["demo"],
+        help="time a model (timm name or module:attr) patched with each backend against the unpatched model",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"timm model name (built without weights) or package.module:attribute (default {DEFAULT_MODEL})")
+    p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"comma-separated, 'auto' allowed (default {DEFAULT_BACKENDS})")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's)")
+    p.add_argument("--input-shape", default=None, help="full input shape, e.g. 8,3,224,224 (for non-timm models)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--sites", action="store_true", help="print every attention site found")
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile each variant (timed after compiling)")
+    p.add_argument("--train", action="store_true", help="time forward+backward in train mode")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (medians are reported)")
+    p.add_argument("--plot", default=None, help="write a bar chart (PNG) here; needs matplotlib")
+    p.add_argument("--json", default=None, help="write the full result as JSON here")
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("coverage", help="patch every timm model (or those matching GLOBs) and check every attention is routed")
     p.add_argument("patterns", nargs="*", help="model name globs (default: every timm model)")
     p.add_argument("--out", default=None, help="write the markdown report here (e.g. COVERAGE.md)")

@@ -1,0 +1,67 @@
+"""Models named on the command line: a timm model name (built locally, never downloaded) or
+``package.module:attribute`` for the user's own (a module, or a function returning one)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+import torch
+
+from .errors import AttnSwapError
+
+
+def load_model(spec: str, **timm_kwargs) -> torch.nn.Module:
+    """Build the model ``spec`` names, without downloading weights."""
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            found = importlib.import_module(module_name)
+            for part in attr.split("."):
+                found = getattr(found, part)
+        except (ImportError, AttributeError) as exc:
+            raise AttnSwapError(f"cannot load {spec!r}: {exc} (expected package.module:attribute)") from None
+        model = found() if callable(found) and not isinstance(found, torch.nn.Module) else found
+        if not isinstance(model, torch.nn.Module):
+            raise AttnSwapError(f"{spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
+        return model
+    try:
+        import timm
+    except ImportError:
+        raise AttnSwapError(f"{spec!r} looks like a timm model name, and timm is not installed: pip install timm") from None
+    if not timm.is_model(spec):
+        close = timm.list_models(f"*{spec}*")[:5]
+        hint = f" Similar: {', '.join(close)}." if close else ""
+        raise AttnSwapError(f"timm has no model named {spec!r}.{hint} Or pass package.module:attribute for your own.")
+    return timm.create_model(spec, pretrained=False, **timm_kwargs)
+
+
+def example_input(
+    model: torch.nn.Module, batch: int, img_size: int | None = None, shape: Sequence[int] | None = None,
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """A random input: ``shape`` if given, else the model's ``pretrained_cfg`` input size (timm),
+    with ``img_size`` replacing its spatial size."""
+    if shape is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        channels, height, width = cfg.get("input_size", (3, 224, 224))
+        if img_size:
+            height = width = img_size
+        shape = (batch, channels, height, width)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+
+
+def features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What to compare: timm's ``forward_features`` (heads are often zero-initialized, which
+    would hide any difference in the logits), else the model's output."""
+    forward = getattr(model, "forward_features", None)
+    out = forward(x) if callable(forward) else model(x)
+    if isinstance(out, (list, tuple)):
+        out = out[-1]
+    return out
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|, in float64; NaN anywhere is an infinite error."""
+    diff = (out.double() - ref.double()).abs().nan_to_num(nan=float("inf"))
+    return float(diff.max() / ref.double().abs().max().clamp_min(1e-30))
