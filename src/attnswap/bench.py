@@ -19,7 +19,7 @@ import torch
 from . import api
 from .auto import AUTO
 from .backends import registry
-from .models import example_input, features, relative_error
+from .models import check_runs, example_input, features, relative_error
 
 UNPATCHED = "unpatched"
 
@@ -201,16 +201,7 @@ def run(
     names = [b if b == AUTO else registry.resolve_name(b) for b in backends]
     device = x.device
     model.eval()
-    try:
-        with torch.no_grad():
-            reference = features(model, x)
-    except Exception as exc:  # noqa: BLE001
-        from .errors import AttnSwapError
-
-        raise AttnSwapError(
-            f"the unpatched {name} fails on an input of shape {tuple(x.shape)}: {type(exc).__name__}: {exc} "
-            "(pass --input-shape / --img-size to fit it)"
-        ) from None
+    reference = check_runs(model, x, name)
     variants = [Variant(UNPATCHED)] + [Variant(b) for b in names]
     step = (lambda m: _step(m, x, train))
 

@@ -4,6 +4,8 @@
     attnswap bench [MODEL] [--backends sdpa,flex,auto,...] [--batch N] [--img-size S] [--dtype D] [--device D]
                    [--compile] [--train] [--threads T] [--repeats R] [--plot FILE.png] [--json FILE]
     (``attnswap demo`` is the same command)
+    attnswap inspect MODEL [--backend X] [--batch N] [--img-size S] [--input-shape ...] [--json]
+    attnswap verify MODEL --backend X [--tolerance T] [--dtype D] [--json]
     attnswap coverage [GLOB ...] [--out COVERAGE.md] [--json FILE] [--no-numerics] [--max-params 100]
 
 ``bench`` is the main job: it builds a timm model locally (no weights are downloaded),
@@ -83,6 +85,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if any(v.error for v in result.variants) else 0
 
 
+def _model_and_input(args: argparse.Namespace):
+    import torch
+
+    from .models import example_input, load_model
+
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    model = load_model(args.model).to(device=args.device, dtype=dtype).eval()
+    shape = tuple(int(n) for n in args.input_shape.split(",")) if args.input_shape else None
+    return model, example_input(model, args.batch, args.img_size, shape, dtype, args.device)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspection import inspect
+
+    model, x = _model_and_input(args)
+    result = inspect(model, x, backend=args.backend, name=args.model)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=1, default=str))
+    else:
+        _console().print(result.table())
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    model, x = _model_and_input(args)
+    result = verify(model, x, args.backend, name=args.model, tolerance=args.tolerance)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=1, default=str))
+    else:
+        _console().print(result.table())
+    return 1 if result.flagged else 0
+
+
+def _add_model_args(p: argparse.ArgumentParser, batch: int = 1) -> None:
+    p.add_argument("model", help="timm model name (built without weights) or package.module:attribute")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's)")
+    p.add_argument("--input-shape", default=None, help="full input shape, e.g. 8,3,224,224 (for non-timm models)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def cmd_coverage(args: argparse.Namespace) -> int:
     import platform
 
@@ -158,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a bar chart (PNG) here; needs matplotlib")
     p.add_argument("--json", default=None, help="write the full result as JSON here")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("inspect", help="each attention site: how it is reached, what its calls pass, which backend serves them")
+    _add_model_args(p)
+    p.add_argument("--backend", default="sdpa", help="the backend to show decisions for (default sdpa)")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("verify", help="per-site error of a backend against a float64 eager reference")
+    _add_model_args(p)
+    p.add_argument("--backend", required=True)
+    p.add_argument("--tolerance", type=float, default=None, help="relative error allowed (default: by dtype)")
+    p.set_defaults(func=cmd_verify)
     p = sub.add_parser("coverage", help="patch every timm model (or those matching GLOBs) and check every attention is routed")
     p.add_argument("patterns", nargs="*", help="model name globs (default: every timm model)")
     p.add_argument("--out", default=None, help="write the markdown report here (e.g. COVERAGE.md)")

@@ -65,3 +65,15 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max |ref|, in float64; NaN anywhere is an infinite error."""
     diff = (out.double() - ref.double()).abs().nan_to_num(nan=float("inf"))
     return float(diff.max() / ref.double().abs().max().clamp_min(1e-30))
+
+
+def check_runs(model: torch.nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """``features(model, x)`` without grad, or an error that says the input does not fit."""
+    try:
+        with torch.no_grad():
+            return features(model, x)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the input's or the model's
+        raise AttnSwapError(
+            f"the unpatched {name} fails on an input of shape {tuple(x.shape)}: {type(exc).__name__}: {exc} "
+            "(pass --input-shape / --img-size to fit it)"
+        ) from None

@@ -100,11 +100,13 @@ class Decision:
 class Plan:
     """The decision for one call signature: what to run, and where to count it."""
 
-    __slots__ = ("run", "tally")
+    __slots__ = ("run", "tally", "facts")
 
-    def __init__(self, run: Callable[..., torch.Tensor], tally: Tally) -> None:
+    def __init__(self, run: Callable[..., torch.Tensor], tally: Tally, facts: CallFacts | None = None) -> None:
         self.run = run
         self.tally = tally
+        #: the facts the decision was made on (None for the signature-free shortcut)
+        self.facts = facts
 
 
 def _runner(backend: Backend, reshape_4d: bool, site: str, cast: torch.dtype | None = None) -> Callable[..., torch.Tensor]:
@@ -275,6 +277,17 @@ class Router:
         self.unrouted.clear()
         self.tuning_seconds = 0.0
 
+    def plans(self) -> list[Plan]:
+        """One plan per call signature this site met (a backend that takes every call keeps
+        none: see :meth:`keep_plans`)."""
+        return list(self._plans.values())
+
+    def keep_plans(self) -> None:
+        """Decide per signature even for backends that take every call, so :meth:`plans`
+        lists every signature met (``attnswap inspect``; costs a dict lookup per call)."""
+        with self._lock:
+            self._fixed = None
+
     def note_settled(self, why: str) -> None:
         """A hand-written attention's scores were computed by the module's own code (counted)."""
         self.unrouted[why] = self.unrouted.get(why, 0) + 1
@@ -331,7 +344,9 @@ class Router:
 
     def _plan_for(self, facts: CallFacts, refused: dict[str, str] | None = None, args: tuple | None = None) -> Plan:
         d = self.decide(facts, refused, args)
-        return Plan(_runner(d.backend, d.reshape_4d, self.site, d.cast), self._tally(d.backend.name, d.tried, d.cast))
+        return Plan(
+            _runner(d.backend, d.reshape_4d, self.site, d.cast), self._tally(d.backend.name, d.tried, d.cast), facts
+        )
 
     def decide(self, facts: CallFacts, refused: dict[str, str] | None = None, args: tuple | None = None) -> Decision:
         """Which backend serves ``facts``, how, and every refusal before it.
