@@ -88,22 +88,28 @@ def main(argv: list[str] | None = None) -> dict:
     plain = Attention(dim, num_heads=heads).eval()
     fast = Attention(dim, num_heads=heads).eval()
     keyed = Attention(dim, num_heads=heads).eval()
-    for m in (fast, keyed):
+    tuned = Attention(dim, num_heads=heads).eval()
+    for m in (fast, keyed, tuned):
         m.load_state_dict(plain.state_dict())
     attnswap.patch(fast, backend="sdpa")
     attnswap.patch(keyed, backend=KeyedSdpa.name)
+    # auto among sdpa alone: once tuned, what auto adds per call is its lookup, not a kernel choice
+    attnswap.patch(tuned, backend="auto", candidates=("sdpa",))
 
     q = torch.randn(1, heads, tokens, dim // heads)
     router_fast = Router(Policy("sdpa"))
     router_keyed = Router(Policy(KeyedSdpa.name))
+    router_auto = Router(Policy("auto", candidates=("sdpa",)))
 
     variants: dict[str, Callable[[], object]] = {
         "timm Attention, unpatched": lambda: plain(x),
         "timm Attention, patched sdpa (shortcut path)": lambda: fast(x),
         "timm Attention, patched backend with limits (decision path)": lambda: keyed(x),
+        "timm Attention, patched auto (tuned; sdpa chosen)": lambda: tuned(x),
         "F.scaled_dot_product_attention": lambda: F.scaled_dot_product_attention(q, q, q),
         "router.route(q, k, v), sdpa": lambda: router_fast.route(q, q, q),
         "router.route(q, k, v), backend with limits": lambda: router_keyed.route(q, q, q),
+        "router.route(q, k, v), auto (tuned; sdpa chosen)": lambda: router_auto.route(q, q, q),
     }
     diffusers_version = None
     try:
