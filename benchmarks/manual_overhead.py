@@ -1,9 +1,11 @@
 """What routing hand-written attention costs: timm models whose attention is written out by hand
-(q @ kᵀ, softmax, @ v), unpatched vs patched with ``sdpa``, side by side in one process.
+(q @ kᵀ, softmax, @ v), unpatched vs patched, side by side in one process.
 
 A patched hand-written site defers the products into symbolic objects that intercept torch
-functions (``surgery/scores.py``), then makes one router call; the cost is Python work per
-call, so it shows most on small inputs. Rounds interleave the variants; medians.
+functions (``surgery/scores.py``), then makes one router call. Patched with ``eager`` the
+router runs the same math the module wrote (matmul, softmax, matmul), so eager minus
+unpatched is the deferral's own cost; ``sdpa`` adds the difference between PyTorch's kernel
+and the module's math for those shapes. Rounds interleave the variants; medians.
 
     python benchmarks/manual_overhead.py [--rounds 9] [--batch 1,32] [--json FILE]
 """
@@ -20,6 +22,7 @@ import torch
 
 import attnswap
 from _results import write_json
+from attnswap.models import features, relative_error
 
 MODELS = [
     # (timm name, kwargs): one per hand-written family with many sites or calls
@@ -56,29 +59,34 @@ def main(argv: list[str] | None = None) -> dict:
     for name, kwargs in models:
         size = timm.get_pretrained_cfg(name).input_size if timm.get_pretrained_cfg(name) else (3, 224, 224)
         plain = timm.create_model(name, pretrained=False, **kwargs).eval()
-        routed = timm.create_model(name, pretrained=False, **kwargs).eval()
-        routed.load_state_dict(plain.state_dict())
-        report = attnswap.patch(routed, backend="sdpa")
+        variants = {"unpatched": plain}
+        for backend in ("eager", "sdpa"):
+            variants[backend] = timm.create_model(name, pretrained=False, **kwargs).eval()
+            variants[backend].load_state_dict(plain.state_dict())
+            report = attnswap.patch(variants[backend], backend=backend)
         for batch in (int(b) for b in args.batch.split(",")):
             x = torch.randn(batch, *size)
             with torch.no_grad():
-                err = float((routed(x) - plain(x)).abs().max() / plain(x).abs().max())
-            attnswap.stats(routed, reset=True)
-            forward_ms(routed, x, 1)
-            per_call = attnswap.stats(routed).total_calls
-            times: dict[str, list[float]] = {"unpatched": [], "patched": []}
+                ref = features(plain, x)
+                err = max(relative_error(features(variants[b], x), ref) for b in ("eager", "sdpa"))
+            attnswap.stats(variants["sdpa"], reset=True)
+            forward_ms(variants["sdpa"], x, 1)
+            per_call = attnswap.stats(variants["sdpa"]).total_calls
+            times: dict[str, list[float]] = {v: [] for v in variants}
             for _ in range(args.rounds):
-                times["unpatched"].append(forward_ms(plain, x, args.calls))
-                times["patched"].append(forward_ms(routed, x, args.calls))
-            a, b = statistics.median(times["unpatched"]), statistics.median(times["patched"])
-            overhead_us = (b - a) * 1e3 / max(per_call, 1)
-            rows.append((name, batch, len(report.patched), per_call, f"{a:.2f}", f"{b:.2f}", f"{b / a:.3f}",
-                         f"{overhead_us:+.0f}", f"{err:.1e}"))
+                for v, model in variants.items():
+                    times[v].append(forward_ms(model, x, args.calls))
+            med = {v: statistics.median(t) for v, t in times.items()}
+            us = {v: (med[v] - med["unpatched"]) * 1e3 / max(per_call, 1) for v in ("eager", "sdpa")}
+            rows.append((name, batch, len(report.patched), per_call, f"{med['unpatched']:.2f}",
+                         f"{med['eager']:.2f} ({us['eager']:+.0f})", f"{med['sdpa']:.2f} ({us['sdpa']:+.0f})",
+                         f"{med['sdpa'] / med['unpatched']:.3f}", f"{err:.1e}"))
             result["models"].append(dict(model=name, batch=batch, sites=len(report.patched), calls=per_call,
-                                         unpatched_ms=a, patched_ms=b, ratio=b / a, per_call_us=overhead_us, rel_err=err))
+                                         median_ms=med, per_call_us=us, rel_err=err))
     print(render_table(
-        "hand-written attention: unpatched vs patched (sdpa), forward, CPU",
-        ("model", "batch", "sites", "router calls", "unpatched ms", "patched ms", "ratio", "µs per call", "rel err"),
+        "hand-written attention: unpatched vs patched, forward ms (µs added per router call), CPU",
+        ("model", "batch", "sites", "router calls", "unpatched", "patched eager", "patched sdpa", "sdpa ratio",
+         "rel err (features)"),
         rows,
         f"torch {torch.__version__}, timm {timm.__version__}, python {platform.python_version()}, "
         f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds x {args.calls} forwards",

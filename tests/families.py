@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from attnswap.models import ungate
+
 FAMILIES: dict[str, tuple[str, dict, tuple[int, ...]]] = {
     # L.attention.Attention (+ AttentionPoolLatent via global_pool='map')
     "vit": ("test_vit", dict(img_size=64, depth=2), (2, 3, 64, 64)),
@@ -155,6 +157,7 @@ def build(family: str, dtype: torch.dtype = torch.float32):
 
     name, kwargs, shape = {**FAMILIES, **MANUAL_FAMILIES, **SLOW_FAMILIES}[family]
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **kwargs).eval().to(dtype)
+    # constant-initialized gates (zero-init BN, 1e-5 layer scales) would hide attention errors
+    model = ungate(timm.create_model(name, pretrained=False, **kwargs)).eval().to(dtype)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     return model, x

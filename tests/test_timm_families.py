@@ -54,7 +54,7 @@ def check_numerics(family, backend, dtype):
     ref = outputs(model, x)
     attnswap.patch(model, backend=backend)
     out = outputs(model, x)
-    limit = 1e-5 if dtype == torch.float32 else 1e-12
+    limit = 1e-4 if dtype == torch.float32 else 1e-12  # float64 is the exact check; float32 allows rounding
     for o, r in zip(out, ref):
         assert o.shape == r.shape and o.dtype == r.dtype
         assert relative_error(o, r) < limit, relative_error(o, r)

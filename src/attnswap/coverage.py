@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .api import patch, stats
+from .models import ungate
 from .report import MANUAL, NOT_ATTENTION, NOT_ROUTABLE, PATCHED
 from .routing import ROUTER_ATTR
 from .surgery.reroute import analyze, original_class
@@ -176,7 +177,7 @@ def _check_f64(name: str, seed: int = 0) -> float:
     import timm
 
     torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False).eval().double()
+    model = ungate(timm.create_model(name, pretrained=False)).eval().double()
     x = torch.randn(1, *model.pretrained_cfg.get("input_size", (3, 224, 224)), dtype=torch.float64)
     ref = _outputs(model, x)
     patch(model, backend="sdpa")
@@ -187,7 +188,7 @@ def _check(name: str, result: ModelCoverage, seed: int = 0) -> None:
     import timm
 
     torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False).eval()
+    model = ungate(timm.create_model(name, pretrained=False)).eval()
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     x = torch.randn(1, *size)
     ref = _outputs(model, x)
@@ -310,7 +311,9 @@ def markdown(results: Sequence[ModelCoverage], *, command: str, environment: str
         "",
         "Every model is built on the meta device and patched (sites found, routed, left alone, not routable).",
         f"Where affordable (≤ the parameter cap, one 1-image forward at the default input size), the patched "
-        f"model (backend `sdpa`) is run against the unpatched one: relative error `max|Δ| / max|ref|` must be "
+        f"model (backend `sdpa`) is run against the unpatched one, random weights with every constant-initialized "
+        f"gate (zero-init norms, 1e-5 layer scales) set around 1 so each attention site shows in the output "
+        f"(`attnswap.models.ungate`): relative error `max|Δ| / max|ref|` must be "
         f"< {TOLERANCE:g} (float32; above it, the model is rechecked in float64, which must agree to "
         f"{TOLERANCE_F64:g}); a softmax inside a routed site or an SDPA call outside one is *escaped*; "
         f"a hand-written attention the module had to compute itself is *unrouted*.",

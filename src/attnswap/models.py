@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Sequence
 
 import torch
@@ -33,7 +34,30 @@ def load_model(spec: str, **timm_kwargs) -> torch.nn.Module:
         close = timm.list_models(f"*{spec}*")[:5]
         hint = f" Similar: {', '.join(close)}." if close else ""
         raise AttnSwapError(f"timm has no model named {spec!r}.{hint} Or pass package.module:attribute for your own.")
-    return timm.create_model(spec, pretrained=False, **timm_kwargs)
+    return ungate(timm.create_model(spec, pretrained=False, **timm_kwargs))
+
+
+#: parameters that multiply a residual branch or a normalized output (norm weights, layer
+#: scales, gates): when timm initializes one to a constant (0 for zero-init BatchNorm in
+#: LeViT/EfficientViT projections, 1e-5 or 1e-6 for CaiT/DeiT-III/EVA layer scales), the branch
+#: barely reaches the output and any error in it is hidden from an output comparison
+_GATE = re.compile(r"(^|\.)(weight|gamma(_\d)?|scale|layer_scale\w*)$")
+
+
+def ungate(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every constant-initialized multiplicative parameter random values around 1, so each
+    attention branch of a randomly initialized model really shows in its output (in place).
+
+    Only for models with random weights (never applied to loaded weights): it makes output
+    comparisons sensitive to each attention site, it changes no computation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and p.numel() and p.device.type != "meta" and _GATE.search(name):
+                flat = p.detach().flatten()
+                if bool((flat == flat[0]).all()):
+                    p.copy_((1 + 0.1 * torch.randn(p.shape, generator=g)).to(p.dtype))
+    return model
 
 
 def example_input(
