@@ -20,7 +20,7 @@ def test_gpu_check_smoke_writes_every_section(tmp_path, capsys):
     assert ok and all(r["within_tolerance"] and "bwd_rel_err" in r for r in ok)
     if result["environment"]["device"] == "cpu":
         assert all(r["status"].startswith("refused: device cpu") for r in result["numerics"] if r["backend"] == "sdpa_cudnn")
-    assert [r["backend"] for r in result["models"]] == ["unpatched", "sdpa", "sdpa_cudnn", "eager"]
+    assert [r["backend"] for r in result["models"]] == ["unpatched", "sdpa", "sdpa_cudnn", "eager", "auto"]
     assert all(r["status"] == "ok" for r in result["models"])
     printed = capsys.readouterr().out
     assert printed.index("numerics vs float32 math") < printed.index("summary")
