@@ -33,6 +33,7 @@ from .backends.base import Backend
 from .backends.eager import eager_attention
 from .call import CallFacts, facts_key
 from .errors import AttnSwapError, BackendRefused
+from .models import relative_error
 
 AUTO = "auto"
 #: used when a signature is first seen inside a compiled graph (nothing can be timed there)
@@ -95,11 +96,6 @@ def _reference(query, key, value, attn_mask, is_causal, scale, enable_gqa) -> to
         return eager_attention(
             query.double(), key.double(), value.double(), mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa
         )
-
-
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    diff = (out.double() - ref).abs().nan_to_num(nan=float("inf"))
-    return float(diff.max() / ref.abs().max().clamp_min(1e-30))
 
 
 def _sync(device: torch.device) -> None:
@@ -200,7 +196,7 @@ class Tuner:
             try:
                 with torch.no_grad():  # dropout off: the check needs a deterministic output
                     out = run(query, key, value, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
-                err = _relative_error(out, ref)
+                err = relative_error(out, ref)
             except (BackendRefused, AttnSwapError, RuntimeError, NotImplementedError) as exc:
                 trials.append(Trial(backend.name, rejected=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
                 continue
