@@ -53,3 +53,23 @@ def test_to_4d_is_a_view_for_contiguous_inputs():
     q = rand(2, 3, 4, 5, 8)
     q4, *_ = to_4d(q, q, q, None)
     assert q4.data_ptr() == q.data_ptr() and q4._base is not None
+
+
+def test_broadcast_agrees_with_torch():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from attnswap.call import broadcast
+
+    shape = st.lists(st.sampled_from([1, 2, 3]), max_size=4).map(tuple)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(shape, min_size=1, max_size=3))
+    def check(shapes):
+        try:
+            expected = tuple(torch.broadcast_shapes(*shapes))
+        except RuntimeError:
+            expected = None
+        assert broadcast(*shapes) == expected
+
+    check()

@@ -188,6 +188,21 @@ def facts_of(
     )
 
 
+def broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The broadcast of shapes, or None if they do not broadcast. (``torch.broadcast_shapes``
+    runs a Python reference implementation costing tens of µs; this runs on hot paths.)"""
+    n = max(len(s) for s in shapes)
+    out = [1] * n
+    for shape in shapes:
+        for i, size in enumerate(shape, n - len(shape)):
+            if size != 1:
+                if out[i] == 1:
+                    out[i] = size
+                elif out[i] != size:
+                    return None
+    return tuple(out)
+
+
 def to_4d(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -29,7 +29,7 @@ import torch
 from .auto import AUTO, TUNER, UNTUNED_DEFAULT
 from .backends import registry
 from .backends.base import Backend, FunctionBackend, dtype_name
-from .call import DTYPE_NAMES, DTYPES, CallFacts, facts_from_key, facts_key, facts_of, to_4d
+from .call import DTYPE_NAMES, DTYPES, CallFacts, broadcast, facts_from_key, facts_key, facts_of, to_4d
 from .errors import AttnSwapError, BackendRefused, UnsupportedCall
 
 logger = logging.getLogger("attnswap")
@@ -152,7 +152,7 @@ def _checked(inner: Callable[..., torch.Tensor], name: str, site: str) -> Callab
         except Exception as exc:
             raise AttnSwapError(f"backend {name!r} raised at site {site or '<root>'}: {type(exc).__name__}: {exc}") from exc
         if q.dim() >= 3:
-            lead = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+            lead = broadcast(q.shape[:-3], k.shape[:-3], v.shape[:-3]) or ()
             expected = (*lead, q.shape[-3], q.shape[-2], v.shape[-1])
         else:
             expected = (q.shape[-2], v.shape[-1])

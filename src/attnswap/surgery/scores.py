@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
+from ..call import broadcast
+
 _Tensor = torch.Tensor
 _SOFTMAX_FUNCS = frozenset({F.softmax, torch.softmax, _Tensor.softmax})
 _MATMUL_FUNCS = frozenset({torch.matmul, _Tensor.matmul, _Tensor.__matmul__, _Tensor.__rmatmul__, torch.bmm, _Tensor.bmm})
@@ -604,9 +606,8 @@ def scores_or_product(router: Any, a: Any, b: Any, op: Callable = operator.matmu
         or torch.compiler.is_compiling()
     ):
         return op(a, b)
-    try:
-        lead = tuple(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
-    except RuntimeError:
+    lead = broadcast(a.shape[:-2], b.shape[:-2])
+    if lead is None:
         return op(a, b)
     if op is torch.bmm and (a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0]):
         return op(a, b)
