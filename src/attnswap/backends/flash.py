@@ -58,7 +58,19 @@ class FlashAttn2Backend(PackagedBackend):
         return from_bshd(out)
 
 
-class FlashAttn3Backend(PackagedBackend):
+class _FlashWithoutDropout(PackagedBackend):
+    """FA3 and FA4 take the same call: no dropout, everything after v by keyword (FA4's
+    positional order changed between betas), and ``out`` or ``(out, lse)`` back depending on
+    the version (FA3: a tuple up to v2.8.1, ``out`` since; FA4: always a tuple)."""
+
+    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        result = self.kernel_function(
+            bshd(query), bshd(key), bshd(value), softmax_scale=scale, causal=is_causal, deterministic=deterministic(),
+        )
+        return from_bshd(first(result))
+
+
+class FlashAttn3Backend(_FlashWithoutDropout):
     name = "flash3"
     description = "FlashAttention-3 (flash_attn_interface): Hopper-tuned, fp16/bf16, sm80/sm90, no dropout, no mask"
     package = OptionalPackage(
@@ -91,15 +103,8 @@ class FlashAttn3Backend(PackagedBackend):
             out.append("deterministic backward with head_dim 256 is not supported by FA3")
         return out
 
-    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        # FA3 returned (out, lse) up to v2.8.1, only out in v2.8.2-2.8.3, and out unless asked since
-        result = self.kernel_function(
-            bshd(query), bshd(key), bshd(value), softmax_scale=scale, causal=is_causal, deterministic=deterministic(),
-        )
-        return from_bshd(first(result))
 
-
-class FlashAttn4Backend(PackagedBackend):
+class FlashAttn4Backend(_FlashWithoutDropout):
     name = "flash4"
     description = "FlashAttention-4 (flash_attn.cute, CuTe DSL): Hopper/Blackwell, fp16/bf16, no dropout, no mask"
     # flash_attn.cute.__version__ looks up the wrong distribution and says 0.0.0
@@ -134,11 +139,3 @@ class FlashAttn4Backend(PackagedBackend):
         if facts.needs_grad and major == 12 and deterministic():
             out.append("deterministic backward on sm12x is not supported by FA4")
         return out
-
-    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        # FA4's positional order changed between betas: everything after v by keyword. It
-        # always returns (out, lse).
-        result = self.kernel_function(
-            bshd(query), bshd(key), bshd(value), softmax_scale=scale, causal=is_causal, deterministic=deterministic(),
-        )
-        return from_bshd(first(result))
