@@ -118,7 +118,7 @@ def _runner(backend: Backend, reshape_4d: bool, site: str, cast: torch.dtype | N
     if reshape_4d:
         inner = run
 
-        def run(q, k, v, m, d, c, scale=None, enable_gqa=False):
+        def run(q, k, v, m=None, d=0.0, c=False, scale=None, enable_gqa=False):
             q4, k4, v4, m4, restore = to_4d(q, k, v, m)
             return restore(inner(q4, k4, v4, m4, d, c, scale=scale, enable_gqa=enable_gqa))
 
@@ -132,7 +132,7 @@ def _cast_runner(inner: Callable[..., torch.Tensor], dtype: torch.dtype) -> Call
     the caller's dtype. Gradients flow through both casts. ``scale=None`` still means
     1/sqrt(head_dim), which the cast does not change."""
 
-    def run(q, k, v, m, d, c, scale=None, enable_gqa=False):
+    def run(q, k, v, m=None, d=0.0, c=False, scale=None, enable_gqa=False):
         if m is not None and m.dtype != torch.bool:
             m = m.to(dtype)
         out = inner(q.to(dtype), k.to(dtype), v.to(dtype), m, d, c, scale=scale, enable_gqa=enable_gqa)
@@ -144,7 +144,7 @@ def _cast_runner(inner: Callable[..., torch.Tensor], dtype: torch.dtype) -> Call
 def _checked(inner: Callable[..., torch.Tensor], name: str, site: str) -> Callable[..., torch.Tensor]:
     """A user backend's failures name the site and backend; a wrong result is an error."""
 
-    def run(q, k, v, m, d, c, scale=None, enable_gqa=False):
+    def run(q, k, v, m=None, d=0.0, c=False, scale=None, enable_gqa=False):
         try:
             out = inner(q, k, v, m, d, c, scale=scale, enable_gqa=enable_gqa)
         except (AttnSwapError, BackendRefused, torch.OutOfMemoryError):
@@ -322,6 +322,10 @@ class Router:
                 plan = self._new_plan(sig, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         plan.tally.calls += 1
         try:
+            if attn_mask is None and not dropout_p and not is_causal and scale is None and not enable_gqa:
+                # The plain call, passed as (q, k, v): every argument a builtin kernel has to
+                # parse costs ~0.1 us, more than these checks (benchmarks/routing_overhead.py)
+                return plan.run(query, key, value)
             return plan.run(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         except BackendRefused as refusal:
             plan.tally.calls -= 1
