@@ -22,7 +22,7 @@ from .backends import (
     unregister_backend,
 )
 from .call import CallFacts
-from .errors import AttnSwapError, BackendUnavailable, PatchError, UnsupportedCall
+from .errors import AttnSwapError, BackendUnavailable, NotScriptable, PatchError, UnsupportedCall
 from .report import ModelStats, PatchReport, SiteReport, SiteStats
 
 __version__ = "0.1.0"
@@ -35,6 +35,7 @@ __all__ = [
     "CallFacts",
     "Limits",
     "ModelStats",
+    "NotScriptable",
     "PatchError",
     "PatchReport",
     "SiteReport",

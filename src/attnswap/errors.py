@@ -1,4 +1,4 @@
-"""attnswap's exceptions: one base class, three specific kinds."""
+"""attnswap's exceptions: one base class, four specific kinds."""
 
 from __future__ import annotations
 
@@ -45,6 +45,15 @@ class UnsupportedCall(AttnSwapError):
 
 class PatchError(AttnSwapError):
     """The model could not be patched (or unpatched) as asked; the model is left unchanged."""
+
+
+class NotScriptable(AttnSwapError):
+    """``torch.jit.script`` was given a patched model.
+
+    TorchScript compiles a module's class source, which for a patched module is the
+    rerouted code calling a Python router it cannot compile; scripting the original class
+    instead would silently drop the routing. Neither happens: scripting raises this.
+    """
 
 
 class BackendRefused(Exception):

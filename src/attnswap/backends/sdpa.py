@@ -8,10 +8,17 @@ would raise its bare "No available kernel". Should PyTorch still refuse (a strid
 alignment rule that is not part of the call's facts), the refusal is turned into
 :class:`~attnswap.errors.BackendRefused` with PyTorch's own explanation, and the router
 falls back.
+
+``sdpa_kernel`` sets process-global flags (not thread-local) and restores, on exit, the
+flags it saw on entry. Two threads pinning at once would each restore the other's pin and
+could leave the process with one kernel enabled for good; pinned calls therefore hold
+:data:`PIN_LOCK` for the duration of the pin. An unpinned SDPA call in another thread at that
+moment still runs under the pinned flags (PyTorch's limitation; README, "Threads").
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -24,6 +31,8 @@ from .base import Backend, Limits, cuda_capability, head_count_reasons
 _HALF = frozenset({torch.float16, torch.bfloat16})
 _CPU_FLASH_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
 _NO_KERNEL = "No available kernel"
+#: held while a pinned backend's ``sdpa_kernel`` flags are set (they are process-global)
+PIN_LOCK = threading.RLock()
 
 
 class SdpaBackend(Backend):
@@ -100,13 +109,13 @@ class PinnedSdpaBackend(Backend):
             if attn_mask is not None and query.is_cuda and attn_mask.size(-1) != 1 and attn_mask.stride(-1) != 1:
                 raise BackendRefused(f"attn_mask last-dim stride {attn_mask.stride(-1)}: fused CUDA kernels need 1")
         try:
-            with sdpa_kernel([self.sdp_backend]):
+            with PIN_LOCK, sdpa_kernel([self.sdp_backend]):
                 return F.scaled_dot_product_attention(query, key, value, **kwargs)
         except RuntimeError as exc:
             if _NO_KERNEL not in str(exc):
                 raise
             # PyTorch explains each refusal in a UserWarning; run the selection again to keep them.
-            with warnings.catch_warnings(record=True) as caught, sdpa_kernel([self.sdp_backend]):
+            with warnings.catch_warnings(record=True) as caught, PIN_LOCK, sdpa_kernel([self.sdp_backend]):
                 warnings.simplefilter("always")
                 try:
                     F.scaled_dot_product_attention(query, key, value, **kwargs)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ..errors import NotScriptable
 from ..routing import ROUTE_METHOD, ROUTER_ATTR
 from . import manual, mha
 from .source import NotRewritable, compile_like, local_names, parse_method, resolve, self_name
@@ -278,6 +279,7 @@ def patched_class(rewrite: ClassRewrite) -> type:
                 __qualname__=cls.__qualname__,
                 __doc__=cls.__doc__,
                 __reduce_ex__=_reduce_ex,
+                __prepare_scriptable__=_refuse_scripting,
                 _attnswap_original_class=cls,
             )
             gen = type(cls)(cls.__name__, (cls,), namespace)
@@ -289,6 +291,17 @@ def original_class(module: torch.nn.Module) -> type:
     """The class ``module`` had before patching (its class when it is not patched)."""
     cls = type(module)
     return cls.__dict__.get("_attnswap_original_class", cls)
+
+
+def _refuse_scripting(self: torch.nn.Module) -> torch.nn.Module:
+    # torch.jit.script calls this on every submodule before compiling anything
+    raise NotScriptable(
+        f"torch.jit.script was given a model with attnswap-patched attention "
+        f"({original_class(self).__qualname__}, routed to {self.__dict__[ROUTER_ATTR].policy.backend!r}). "
+        "TorchScript cannot compile the routed code, and scripting the original code would drop the "
+        "routing. Unpatch first (attnswap.unpatch(model)) to script the original model, or use "
+        "torch.compile / torch.export, which keep the routing."
+    )
 
 
 def _reduce_ex(self: torch.nn.Module, protocol: int) -> tuple:
