@@ -1,6 +1,6 @@
 """The router: one per attention site, between the module's code and the backends.
 
-A rerouted module calls ``self._attnswap_router.route(q, k, v, ...)`` where it used to call
+A rerouted module calls its router's ``route(q, k, v, ...)`` where it used to call
 ``F.scaled_dot_product_attention``. The router decides once per call signature (shapes,
 dtype, device, mask kind, causal, dropout, scale, GQA, grad) which backend serves it:
 the chosen one, or the first of the fallback chain that can, and remembers why. Steady
@@ -484,6 +484,21 @@ class Router:
             (router_node, query, key, value),
             {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale, "enable_gqa": enable_gqa},
         )
+
+
+class _Unrouted:
+    """Stands in for a router that is gone: rerouted code whose module another thread unpatched
+    while this call was in flight makes the call the module's original code makes."""
+
+    __slots__ = ()
+    route = staticmethod(torch.nn.functional.scaled_dot_product_attention)
+
+    def __repr__(self) -> str:
+        return "<attnswap: unpatched while in flight; plain SDPA>"
+
+
+#: what rerouted code calls when its module has no router any more (see :class:`_Unrouted`)
+UNROUTED = _Unrouted()
 
 
 def _registry_changed() -> None:

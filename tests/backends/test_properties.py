@@ -55,6 +55,11 @@ def calls(draw, max_len=12):
     return (q, k, v), kwargs
 
 
+#: max error relative to the output's scale, per dtype the call runs in (float64 reference).
+#: Half precision: a few units of its last place after the softmax and the sum over keys.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
 def check(backend, call, dtype):
     (q, k, v), kwargs = call
     expected = eager_attention(q, k, v, **kwargs)
@@ -70,7 +75,7 @@ def check(backend, call, dtype):
         return
     assert out.shape == expected.shape and out.dtype == dtype
     scale = expected.abs().max().clamp_min(1.0)
-    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    tol = TOLERANCE[dtype]
     err = ((out.double() - expected).abs().max() / scale).item()
     assert err < tol, f"{backend} computed something different: relative error {err:.3g}"
 
@@ -82,15 +87,60 @@ def test_backend_matches_eager_or_refuses_float64(backend, call):
     check(backend, call, torch.float64)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "sdpa_flash"])
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_math", "sdpa_flash", "eager"])
 @settings(max_examples=60, deadline=None)
 @given(call=calls())
 def test_backend_matches_eager_or_refuses_float32(backend, call):
     check(backend, call, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_math", "sdpa_flash", "eager"])
+@settings(max_examples=40, deadline=None)
+@given(call=calls())
+def test_backend_matches_eager_or_refuses_half(backend, dtype, call):
+    check(backend, call, dtype)
+
+
+@st.composite
+def calls_with_masked_rows(draw):
+    """A call where some query rows see no key at all (bool False, or -inf everywhere)."""
+    (q, k, v), kwargs = draw(calls())
+    kwargs.pop("is_causal", None)
+    lq, lk = q.shape[-2], k.shape[-2]
+    rows = draw(st.lists(st.integers(0, lq - 1), min_size=1, max_size=lq, unique=True))
+    mask = kwargs.get("attn_mask")
+    shape = mask.shape[:-2] + (lq, lk) if mask is not None else (lq, lk)
+    if mask is None or mask.dtype == torch.bool:
+        mask = (mask if mask is not None else torch.ones(shape, dtype=torch.bool)).expand(shape).clone()
+        mask[..., rows, :] = False
+    else:
+        mask = mask.expand(shape).clone()
+        mask[..., rows, :] = float("-inf")
+    kwargs["attn_mask"] = mask
+    return (q, k, v), kwargs
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_math", "sdpa_flash", "eager"])
+@settings(max_examples=40, deadline=None)
+@given(call=calls_with_masked_rows())
+def test_fully_masked_rows_are_zero_like_sdpa(backend, dtype, call):
+    (q, k, v), kwargs = call
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert torch.isfinite(sdpa).all()  # what SDPA does here is the contract: zeros, no NaN
+    check(backend, call, dtype)
+
+
 @pytest.mark.slow
 @settings(max_examples=15, deadline=None)
 @given(call=calls(max_len=20))
 def test_flex_matches_eager_or_refuses(call):
+    check("flex", call, torch.float32)
+
+
+@pytest.mark.slow
+@settings(max_examples=8, deadline=None)
+@given(call=calls_with_masked_rows())
+def test_flex_fully_masked_rows_are_zero_like_sdpa(call):
     check("flex", call, torch.float32)

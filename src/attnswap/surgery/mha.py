@@ -63,10 +63,11 @@ def forward(
     average_attn_weights: bool = True,
     is_causal: bool = False,
 ) -> tuple[_Tensor, _Tensor | None]:
-    router = self.__dict__[ROUTER_ATTR]
-    why = _why_not(self, query, key, value, need_weights)
+    router = self.__dict__.get(ROUTER_ATTR)  # None: unpatched by another thread while in flight
+    why = "unpatched while the call was in flight" if router is None else _why_not(self, query, key, value, need_weights)
     if why is not None:
-        router.note_settled(why)
+        if router is not None:
+            router.note_settled(why)
         return nn.MultiheadAttention.forward(
             self, query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
             attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,

@@ -3,8 +3,9 @@
 For a module class whose methods call SDPA (under any spelling: ``F.``,
 ``torch.nn.functional.``, ``nn.functional.``, an imported or aliased name), each such method
 is recompiled from its own source with every SDPA call ``f(q, k, v, ...)`` replaced by
-``self._attnswap_router.route(q, k, v, ...)``: same arguments, same globals, same closure, same
-line numbers. Everything else the module computes (projections, norms, rope, its bias)
+``self.__dict__.get("_attnswap_router", UNROUTED).route(q, k, v, ...)``: same arguments, same
+globals, same closure, same line numbers. (The default is plain SDPA, for a call still in
+flight when another thread unpatches the module.) Everything else the module computes (projections, norms, rope, its bias)
 stays the module's own code reading its own live attributes.
 
 The rewritten methods live on a generated subclass, made once per class and swapped into
@@ -23,9 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NotScriptable
-from ..routing import ROUTE_METHOD, ROUTER_ATTR
+from ..routing import ROUTE_METHOD, ROUTER_ATTR, UNROUTED
 from . import manual, mha
 from .source import NotRewritable, compile_like, local_names, parse_method, resolve, self_name
+
+#: the closure name rerouted code reaches UNROUTED by
+UNROUTED_NAME = "__attnswap_unrouted__"
 
 SDPA = F.scaled_dot_product_attention
 _SDPA_NAME = "scaled_dot_product_attention"
@@ -217,7 +221,14 @@ class _Rewriter(ast.NodeTransformer):
             raise NotRewritable("calls scaled_dot_product_attention outside an instance method, no router to reach")
         self.calls += 1
         self._note_gates()
-        router = ast.Attribute(value=ast.Name(id=self.self_name, ctx=ast.Load()), attr=ROUTER_ATTR, ctx=ast.Load())
+        # self.__dict__.get(ROUTER_ATTR, UNROUTED), not self.<ROUTER_ATTR>: a call still in flight
+        # when another thread unpatches the module finds no router and runs the original call
+        instance_dict = ast.Attribute(value=ast.Name(id=self.self_name, ctx=ast.Load()), attr="__dict__", ctx=ast.Load())
+        router = ast.Call(
+            func=ast.Attribute(value=instance_dict, attr="get", ctx=ast.Load()),
+            args=[ast.Constant(ROUTER_ATTR), ast.Name(id=UNROUTED_NAME, ctx=ast.Load())],
+            keywords=[],
+        )
         node.func = ast.copy_location(ast.Attribute(value=router, attr=ROUTE_METHOD, ctx=ast.Load()), node.func)
         return node
 
@@ -259,7 +270,7 @@ def _rewrite(fn: Callable, *, is_method: bool) -> tuple[Callable, int, list[str]
         )
     if rewriter.calls == 0:
         return None
-    return compile_like(fn, funcdef), rewriter.calls, rewriter.gates
+    return compile_like(fn, funcdef, {UNROUTED_NAME: UNROUTED}), rewriter.calls, rewriter.gates
 
 
 # -- generated subclasses --------------------------------------------------------------------
