@@ -135,3 +135,52 @@ def test_modules_without_attention_are_left_alone():
     report = attnswap.patch(model)
     assert len(report) == 0 and report.sites == () and "no attention sites" in str(report)
     assert attnswap.unpatch(model) == 0
+
+
+class _TorchMixin:
+    """Stands in for FSDP2's FSDPModule: a torch class that re-classes modules as
+    ``type(f"FSDP{cls.__name__}", (FSDPModule, cls), {...})``."""
+
+    def unshard(self):
+        return "mixin"
+
+
+_TorchMixin.__module__ = "torch.distributed.fsdp._fake"
+
+
+def _rewrap(module):
+    cls = type(module)
+    wrapper = type(f"FSDP{cls.__name__}", (_TorchMixin, cls), {"__module__": "torch.distributed.fsdp._fake"})
+    module.__class__ = wrapper
+    return wrapper
+
+
+@pytest.mark.parametrize("order", ["wrap_then_patch", "patch_then_wrap"])
+def test_torch_wrappers_that_reclass_modules_keep_routing_and_unpatch_exactly(order, sdpa_counter):
+    # FSDP2 fully_shard(attn) re-classes the module from torch code; discovery must see through it
+    torch.manual_seed(0)
+    module = S.ViaF().double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    expected = module(x)
+    if order == "wrap_then_patch":
+        wrapper = _rewrap(module)
+        assert len(attnswap.patch(module, backend="eager", strict=True).patched) == 1
+    else:
+        attnswap.patch(module, backend="eager")
+        _rewrap(module)
+    assert isinstance(module, _TorchMixin) and module.unshard() == "mixin"
+    with sdpa_counter() as counter:
+        torch.testing.assert_close(module(x), expected)
+    assert counter.calls == 0 and attnswap.stats(module).by_backend() == {"eager": 1}
+    attnswap.patch(module, backend="sdpa_math")  # switching backend finds the site again
+    assert attnswap.stats(module)[0].backend == "sdpa_math"
+    assert attnswap.unpatch(module) == 1
+    cls = type(module)
+    assert not any("_attnswap_original_class" in vars(k) for k in cls.__mro__), "a generated class stayed in the MRO"
+    assert cls.__mro__[1:3] == (_TorchMixin, S.ViaF)
+    if order == "wrap_then_patch":
+        assert cls is wrapper
+    assert module.unshard() == "mixin" and torch.equal(module(x), expected)
+    attnswap.patch(module, backend="eager")  # and once more, after the round trip
+    attnswap.unpatch(module)
+    assert type(module) is cls, "repeated cycles reuse one rebuilt wrapper class"

@@ -11,7 +11,7 @@ import torch
 from ..errors import AttnSwapError
 from .manual import class_label
 from .mha import is_plain_mha
-from .reroute import ClassRewrite, _is_torch_class, analyze, original_class
+from .reroute import ClassRewrite, analyze, is_library_class, original_class
 
 Selector = Union[str, type]
 
@@ -30,10 +30,19 @@ def _normalize(selectors: Selector | Sequence[Selector] | None, what: str) -> li
         return None
     if isinstance(selectors, (str, type)):
         selectors = [selectors]
+    elif not isinstance(selectors, (list, tuple, set, frozenset)):
+        selectors = [selectors]  # one wrong-typed selector: reported below
     out = list(selectors)
     for s in out:
+        if isinstance(s, torch.nn.Module):
+            raise AttnSwapError(
+                f"`{what}` takes module-path globs or classes, got a {type(s).__name__} instance; "
+                f"pass its class ({type(s).__name__}) or its path in the model (e.g. 'blocks.0.attn')"
+            )
         if not isinstance(s, (str, type)):
-            raise AttnSwapError(f"`{what}` takes module-path globs or classes, got {type(s).__name__}: {s!r}")
+            raise AttnSwapError(
+                f"`{what}` takes module-path globs (e.g. 'blocks.*.attn') or classes, got {type(s).__name__}: {s!r}"
+            )
     return out
 
 
@@ -73,7 +82,7 @@ def candidates(
     exc = _normalize(exclude, "exclude")
     for path, module in model.named_modules():
         cls = original_class(module)
-        if _is_torch_class(cls) and not is_plain_mha(cls):
+        if is_library_class(cls) and not is_plain_mha(cls):
             continue
         if inc is not None and not _matches(path, cls, inc):
             continue

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import threading
 import types
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -71,7 +72,31 @@ class ClassRewrite:
         return self.problem is None and bool(self.methods)
 
 
-_cache: dict[type, ClassRewrite | None] = {}
+class _ClassCache(OrderedDict):
+    """Per-class results, least recently used dropped past ``capacity``: classes made at run
+    time (a factory per model) must not be kept alive for the life of the process. A dropped
+    entry is recomputed when its class is met again."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def get(self, key, default=None):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+
+
+#: how many classes each per-class cache keeps (timm has about 1,400 classes in all)
+CLASS_CACHE_SIZE = 2048
+_cache: _ClassCache = _ClassCache(CLASS_CACHE_SIZE)
 _cache_lock = threading.RLock()
 _aliases_cache: dict[int, tuple[dict, frozenset[str]]] = {}
 
@@ -79,6 +104,15 @@ _aliases_cache: dict[int, tuple[dict, frozenset[str]]] = {}
 def _is_torch_class(klass: type) -> bool:
     mod = getattr(klass, "__module__", "") or ""
     return klass is object or mod == "torch" or mod.startswith("torch.")
+
+
+def is_library_class(cls: type) -> bool:
+    """A class of PyTorch's own, not a torch-made wrapper around the user's class.
+
+    FSDP2's ``fully_shard`` (and ``replicate``) re-class a module as ``FSDP<cls>``, a class
+    defined in a torch module whose bases are a torch mixin and the user's class; the
+    attention it computes is still the user's."""
+    return all(_is_torch_class(k) for k in cls.__mro__)
 
 
 def _sdpa_aliases(globals_: dict) -> frozenset[str]:
@@ -109,16 +143,19 @@ def analyze(cls: type) -> ClassRewrite | None:
     """How to reroute ``cls``, or None when it computes no attention. Cached per class."""
     with _cache_lock:
         if cls in _cache:
-            return _cache[cls]
+            return _cache.get(cls)
         result = _analyze(cls)
-        _cache[cls] = result
+        _cache.put(cls, result)
         return result
 
 
 def _methods(cls: type):
     seen: set[str] = set()
-    for klass in cls.__mro__:
+    mro = cls.__mro__
+    for i, klass in enumerate(mro):
         if _is_torch_class(klass):
+            if not all(_is_torch_class(k) for k in mro[i + 1:]):
+                seen.update(vars(klass))  # a torch mixin ahead of the user's class: its methods win
             continue
         for name, attr in vars(klass).items():
             if name in seen:
@@ -275,7 +312,7 @@ def _rewrite(fn: Callable, *, is_method: bool) -> tuple[Callable, int, list[str]
 
 # -- generated subclasses --------------------------------------------------------------------
 
-_generated: dict[type, type] = {}
+_generated: _ClassCache = _ClassCache(CLASS_CACHE_SIZE)
 
 
 def patched_class(rewrite: ClassRewrite) -> type:
@@ -294,14 +331,43 @@ def patched_class(rewrite: ClassRewrite) -> type:
                 _attnswap_original_class=cls,
             )
             gen = type(cls)(cls.__name__, (cls,), namespace)
-            _generated[cls] = gen
+            _generated.put(cls, gen)
         return gen
 
 
 def original_class(module: torch.nn.Module) -> type:
-    """The class ``module`` had before patching (its class when it is not patched)."""
+    """The class ``module`` had before patching (its class when it is not patched).
+
+    A module patched and then re-classed by a wrapper (FSDP2's ``fully_shard`` makes
+    ``FSDP<generated>``) gets the same wrapper around its original class."""
     cls = type(module)
-    return cls.__dict__.get("_attnswap_original_class", cls)
+    found = cls.__dict__.get("_attnswap_original_class")
+    if found is not None:
+        return found
+    if any("_attnswap_original_class" in vars(base) for base in cls.__mro__[1:]):
+        return _rewrapped(cls)
+    return cls
+
+
+_rewrapped_classes: _ClassCache = _ClassCache(CLASS_CACHE_SIZE)
+
+
+def _rewrapped(cls: type) -> type:
+    """``cls`` rebuilt with every generated base replaced by the class it was generated from."""
+    with _cache_lock:
+        found = _rewrapped_classes.get(cls)
+        if found is None:
+            bases = []
+            for base in cls.__bases__:
+                if "_attnswap_original_class" in vars(base):
+                    base = vars(base)["_attnswap_original_class"]
+                elif any("_attnswap_original_class" in vars(b) for b in base.__mro__[1:]):
+                    base = _rewrapped(base)
+                bases.append(base)
+            namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+            found = type(cls)(cls.__name__, tuple(bases), namespace)
+            _rewrapped_classes.put(cls, found)
+        return found
 
 
 def _refuse_scripting(self: torch.nn.Module) -> torch.nn.Module:
