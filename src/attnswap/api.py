@@ -28,9 +28,20 @@ _SOFTMAX_NOTE = "computes a softmax, but not over q·kᵀ scores that feed a pro
 
 
 def _check_model(model: object) -> torch.nn.Module:
+    if isinstance(model, type) and issubclass(model, torch.nn.Module):
+        raise AttnSwapError(f"expected a torch.nn.Module instance, got the class {model.__name__}; build the model first")
     if not isinstance(model, torch.nn.Module):
         raise AttnSwapError(f"expected a torch.nn.Module, got {type(model).__name__}")
     return model
+
+
+def _names(value: str | Sequence[str], what: str) -> list[str]:
+    """A backend name or a sequence of them, canonical (aliases resolved)."""
+    if isinstance(value, str):
+        value = [value]
+    elif not isinstance(value, (list, tuple)):
+        raise AttnSwapError(f"`{what}` takes a backend name or a list of names, got {type(value).__name__}: {value!r}")
+    return [registry.resolve_name(n) for n in value]
 
 
 _CASTS = {
@@ -56,15 +67,16 @@ def _policy(
         # auto's "fallback" is its own ranking of every backend it timed (then sdpa)
         names = None
         if candidates is not None:
-            names = tuple(dict.fromkeys(registry.resolve_name(n) for n in ([candidates] if isinstance(candidates, str) else candidates)))
+            names = tuple(dict.fromkeys(_names(candidates, "candidates")))
         return Policy(AUTO, (), bool(strict), _cast_dtype(cast), names), ""
+    if candidates is not None:
+        raise AttnSwapError(f"`candidates` applies only to backend='auto' (got backend={backend!r}); use `fallback` "
+                            "for the backends a fixed backend falls back to")
     name = registry.resolve_name(backend)
     if fallback is None:
         chain = tuple(n for n in DEFAULT_FALLBACK if n != name)
     else:
-        if isinstance(fallback, str):
-            fallback = [fallback]
-        chain = tuple(dict.fromkeys(registry.resolve_name(n) for n in fallback if registry.resolve_name(n) != name))
+        chain = tuple(dict.fromkeys(n for n in _names(fallback, "fallback") if n != name))
     unavailable = registry.get_backend(name).unavailable_reason or ""
     if unavailable and strict:
         raise BackendUnavailable(name, unavailable + _install_hint(name))
@@ -165,6 +177,8 @@ def patch(
             raise PatchError(
                 "strict=True and these attention modules cannot be routed (nothing was patched):\n"
                 + "\n".join(f"  {s.name} ({s.cls}): {s.reason}" for s in blocked)
+                + "\n  HINT: pass strict=False to patch every other site and report these, or leave them out "
+                "with exclude=[...]"
             )
         for c in plan:
             router = Router(policy, site=c.path, site_class=class_label(c.cls))

@@ -263,7 +263,12 @@ class Tuner:
     def use_file(self, path: str | os.PathLike) -> int:
         """Load decisions from ``path`` (if it exists) and save every new one to it; returns
         how many decisions were read (those of other environments are kept, never used)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise AttnSwapError(f"auto_cache must be a file path (str or os.PathLike), got {type(path).__name__}: {path!r}")
         path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise AttnSwapError(f"auto_cache {path}: its folder {folder} does not exist; create it or pass another path")
         loaded = 0
         with self._lock:
             if os.path.exists(path):
@@ -277,9 +282,22 @@ class Tuner:
                 data = json.load(f)
         except (OSError, ValueError) as exc:
             raise AttnSwapError(f"cannot read the auto-tuning file {path}: {exc}; delete it or pass another path") from None
+        if not isinstance(data, dict):
+            raise AttnSwapError(
+                f"the auto-tuning file {path} holds a JSON {type(data).__name__}, not attnswap's decisions; "
+                "delete it or pass another path"
+            )
         if data.get("format") != _FORMAT:
             return 0
-        loaded = 0
+        try:
+            return self._load_entries(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise AttnSwapError(
+                f"the auto-tuning file {path} is malformed ({type(exc).__name__}: {exc}); delete it or pass another path"
+            ) from None
+
+    def _load_entries(self, data: dict) -> int:
+        parsed = []  # all entries are read before any is used: a malformed file adds nothing
         for entry in data.get("entries", []):
             if entry.get("backend") not in registry._backends:
                 continue  # a user backend not registered in this process
@@ -288,7 +306,9 @@ class Tuner:
             choice = Choice(entry["backend"], trials, entry.get("seconds", 0.0), True, entry.get("description", ""))
             # entries of other environments are kept (and saved back) but never match a lookup here
             names = entry.get("candidates")
-            key = (env, None if names is None else tuple(names), _tuples(entry["facts"]))
+            parsed.append(((env, None if names is None else tuple(names), _tuples(entry["facts"])), choice))
+        loaded = 0
+        for key, choice in parsed:
             if self._choices.setdefault(key, choice) is choice:
                 loaded += 1
         return loaded

@@ -150,7 +150,10 @@ def _checked(inner: Callable[..., torch.Tensor], name: str, site: str) -> Callab
         except (AttnSwapError, BackendRefused, torch.OutOfMemoryError):
             raise
         except Exception as exc:
-            raise AttnSwapError(f"backend {name!r} raised at site {site or '<root>'}: {type(exc).__name__}: {exc}") from exc
+            raise AttnSwapError(
+                f"backend {name!r} raised at site {site or '<root>'}: {type(exc).__name__}: {exc}. Fix the backend; "
+                "for calls it cannot serve, give register_backend `supports=` or `limits=` so the router falls back"
+            ) from exc
         if q.dim() >= 3:
             lead = broadcast(q.shape[:-3], k.shape[:-3], v.shape[:-3]) or ()
             expected = (*lead, q.shape[-3], q.shape[-2], v.shape[-1])
@@ -330,6 +333,9 @@ class Router:
         except BackendRefused as refusal:
             plan.tally.calls -= 1
             return self._after_refusal(plan, refusal, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        except BaseException:
+            plan.tally.calls -= 1  # a call that failed was not served
+            raise
 
     # Calling an instance goes through the type's __call__ slot, several hundred ns slower on
     # CPython than a method lookup; rerouted code calls ``router.route(...)``.
@@ -377,10 +383,10 @@ class Router:
             if name != self.policy.backend and not backend.exact:
                 tried.append((name, ("approximate backends are never used as a fallback",)))
                 continue
-            reasons, reshape_4d = backend.reasons(facts)
+            reasons, reshape_4d = self._reasons(backend, facts)
             cast = None
             if reasons and self.policy.cast is not None and facts.dtype == torch.float32:
-                cast_reasons, cast_reshape = backend.reasons(facts.cast_to(self.policy.cast))
+                cast_reasons, cast_reshape = self._reasons(backend, facts.cast_to(self.policy.cast))
                 if not cast_reasons:
                     reasons, reshape_4d, cast = cast_reasons, cast_reshape, self.policy.cast
             if reasons:
@@ -416,12 +422,25 @@ class Router:
                 continue
             if backend is None or backend.unavailable_reason is not None:
                 continue
-            reasons, reshape_4d = backend.reasons(facts)
+            reasons, reshape_4d = self._reasons(backend, facts)
             if reasons:  # a decision made eagerly, met again inside a compiled graph
                 tried.append((name, tuple(reasons)))
                 continue
             return Decision(backend, reshape_4d, tuple(tried))
         raise UnsupportedCall(self.site, facts, {n: list(r) for n, r in tried}, hint="auto found no backend")
+
+    def _reasons(self, backend: Backend, facts: CallFacts) -> tuple[list[str], bool]:
+        """``backend.reasons(facts)``; a user's ``supports`` that raises names the site and backend."""
+        try:
+            return backend.reasons(facts)
+        except AttnSwapError:
+            raise
+        except Exception as exc:
+            raise AttnSwapError(
+                f"backend {backend.name!r}: deciding whether it can serve the call at site {self.site or '<root>'} "
+                f"raised {type(exc).__name__}: {exc} ({facts.describe()}). Fix its `supports` function: it takes "
+                "the call's CallFacts and returns a list of reasons (empty when it can serve the call)."
+            ) from exc
 
     def _warn_fallback(self, used: str, tried: list[tuple[str, tuple[str, ...]]]) -> None:
         key = (self.site_class, tuple(tried))

@@ -40,6 +40,8 @@ ALIASES = {
 _lock = threading.RLock()
 _backends: dict[str, Backend] = {}
 _builtin_names: list[str] = []
+#: built-ins a register_backend call replaced, restored by unregister_backend
+_replaced_builtins: dict[str, Backend] = {}
 
 
 _listeners: list[Callable[[], None]] = []
@@ -71,9 +73,18 @@ def resolve_name(name: str) -> str:
     if key in _backends:
         return key
     names = sorted(_backends)
-    close = difflib.get_close_matches(name, names + sorted(ALIASES), n=1)
-    hint = f" Did you mean {ALIASES.get(close[0], close[0])!r}?" if close else ""
+    hint = _closest_hint(name, names + sorted(ALIASES))
     raise AttnSwapError(f"Unknown attention backend {name!r}.{hint} Valid names: {', '.join(names)}.")
+
+
+def _closest_hint(name: str, choices: list[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``choices`` (case-insensitive), or ''."""
+    lowered = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=1)
+    if not close:
+        return ""
+    found = lowered[close[0]]
+    return f" Did you mean {ALIASES.get(found, found)!r}?"
 
 
 def get_backend(name: str) -> Backend:
@@ -180,6 +191,9 @@ def register_backend(
             raise AttnSwapError(f"backend {name!r}: expected a callable, got {type(f).__name__}")
         if supports is not None and not callable(supports):
             raise AttnSwapError(f"backend {name!r}: `supports` must be callable, got {type(supports).__name__}")
+        if supports is not None:
+            _check_supports_signature(name, supports)
+        _check_limits(name, limits)
         accepted = _accepted_params(f)
         kwargs = dict(supports=supports, limits=limits, description=description, exact=exact)
         if accepted is None or accepted == set(_SDPA_PARAMS):
@@ -189,6 +203,8 @@ def register_backend(
         if name in _backends:
             kind = "built-in" if name in _builtin_names else "registered"
             warnings.warn(f"attnswap: replacing the {kind} backend {name!r}", stacklevel=3)
+            if name in _builtin_names:
+                _replaced_builtins.setdefault(name, _backends[name])
         _add(backend)
         return f
 
@@ -197,14 +213,53 @@ def register_backend(
     return register(fn)
 
 
+def _check_supports_signature(name: str, supports: Callable) -> None:
+    try:
+        inspect.signature(supports).bind(object())
+    except TypeError as exc:
+        raise AttnSwapError(
+            f"backend {name!r}: `supports` must take one argument (the call's CallFacts) and return the "
+            f"reasons it cannot serve it; {getattr(supports, '__qualname__', supports)!r} cannot: {exc}"
+        ) from None
+    except ValueError:  # a builtin without a signature: trust it
+        pass
+
+
+def _check_limits(name: str, limits: Any) -> None:
+    if limits is None or isinstance(limits, Limits):
+        return
+    if isinstance(limits, dict) and all(isinstance(k, str) and isinstance(v, Limits) for k, v in limits.items()):
+        return
+    raise AttnSwapError(
+        f"backend {name!r}: `limits` must be an attnswap.Limits, or a dict of device type ('cpu', 'cuda', "
+        f"or '*' for any) to Limits; got {type(limits).__name__}: {limits!r}"
+    )
+
+
 def unregister_backend(name: str) -> None:
-    """Remove a backend registered with :func:`register_backend` (built-ins cannot be removed)."""
+    """Remove a backend registered with :func:`register_backend`.
+
+    Built-ins cannot be removed; unregistering a function that replaced a built-in's name
+    brings the built-in back."""
+    if not isinstance(name, str):
+        raise AttnSwapError(f"a backend name must be a string, got {type(name).__name__}: {name!r}")
     with _lock:
         if name in _builtin_names:
-            raise AttnSwapError(f"{name!r} is a built-in backend and cannot be unregistered")
-        if name not in _backends:
-            raise AttnSwapError(f"no backend named {name!r} is registered")
-        del _backends[name]
+            original = _replaced_builtins.pop(name, None)
+            if original is None:
+                raise AttnSwapError(f"{name!r} is a built-in backend and cannot be unregistered")
+            _backends[name] = original  # unregistering a replacement brings the built-in back
+        elif name in ALIASES:
+            raise AttnSwapError(
+                f"{name!r} is an alias of the built-in backend {ALIASES[name]!r}; built-ins cannot be unregistered"
+            )
+        elif name not in _backends:
+            mine = sorted(set(_backends) - set(_builtin_names))
+            hint = _closest_hint(name, mine)
+            listed = f"registered with register_backend: {', '.join(mine)}" if mine else "none is registered with register_backend"
+            raise AttnSwapError(f"no backend named {name!r} is registered.{hint} ({listed})")
+        else:
+            del _backends[name]
     _changed()
 
 
