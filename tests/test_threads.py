@@ -83,7 +83,7 @@ def test_pinned_kernels_in_several_threads_leave_the_global_flags_as_they_were()
     assert set(served) == {"sdpa_math", "sdpa_flash"}
 
 
-@pytest.mark.parametrize("family", ["vit", "swin"])
+@pytest.mark.parametrize("family", ["vit", "swin", "levit"])  # levit: hand-written attention
 def test_patch_and_unpatch_while_other_threads_run_forwards(family):
     model, x = build(family)
     with torch.no_grad():
