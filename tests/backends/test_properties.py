@@ -96,7 +96,7 @@ def test_backend_matches_eager_or_refuses_float32(backend, call):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("backend", ["sdpa", "sdpa_math", "sdpa_flash", "eager"])
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(call=calls())
 def test_backend_matches_eager_or_refuses_half(backend, dtype, call):
     check(backend, call, dtype)
@@ -123,7 +123,7 @@ def calls_with_masked_rows(draw):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("backend", ["sdpa", "sdpa_math", "sdpa_flash", "eager"])
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(call=calls_with_masked_rows())
 def test_fully_masked_rows_are_zero_like_sdpa(backend, dtype, call):
     (q, k, v), kwargs = call
@@ -133,14 +133,14 @@ def test_fully_masked_rows_are_zero_like_sdpa(backend, dtype, call):
 
 
 @pytest.mark.slow
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)  # each new shape compiles flex (~5 s here)
 @given(call=calls(max_len=20))
 def test_flex_matches_eager_or_refuses(call):
     check("flex", call, torch.float32)
 
 
 @pytest.mark.slow
-@settings(max_examples=4, deadline=None)  # each new shape compiles flex (~5 s here)
+@settings(max_examples=3, deadline=None)  # each new shape compiles flex (~5 s here)
 @given(call=calls_with_masked_rows())
 def test_flex_fully_masked_rows_are_zero_like_sdpa(call):
     check("flex", call, torch.float32)
