@@ -97,6 +97,7 @@ class _ClassCache(OrderedDict):
 #: how many classes each per-class cache keeps (timm has about 1,400 classes in all)
 CLASS_CACHE_SIZE = 2048
 _cache: _ClassCache = _ClassCache(CLASS_CACHE_SIZE)
+_library_classes: _ClassCache = _ClassCache(CLASS_CACHE_SIZE)
 _cache_lock = threading.RLock()
 _aliases_cache: dict[int, tuple[dict, frozenset[str]]] = {}
 
@@ -112,7 +113,14 @@ def is_library_class(cls: type) -> bool:
     FSDP2's ``fully_shard`` (and ``replicate``) re-class a module as ``FSDP<cls>``, a class
     defined in a torch module whose bases are a torch mixin and the user's class; the
     attention it computes is still the user's."""
-    return all(_is_torch_class(k) for k in cls.__mro__)
+    if not _is_torch_class(cls):
+        return False
+    found = _library_classes.get(cls)
+    if found is None:
+        found = all(_is_torch_class(k) for k in cls.__mro__)
+        with _cache_lock:
+            _library_classes.put(cls, found)
+    return found
 
 
 def _sdpa_aliases(globals_: dict) -> frozenset[str]:
@@ -341,12 +349,11 @@ def original_class(module: torch.nn.Module) -> type:
     A module patched and then re-classed by a wrapper (FSDP2's ``fully_shard`` makes
     ``FSDP<generated>``) gets the same wrapper around its original class."""
     cls = type(module)
+    inherited = getattr(cls, "_attnswap_original_class", None)  # one C-level MRO lookup
+    if inherited is None:
+        return cls
     found = cls.__dict__.get("_attnswap_original_class")
-    if found is not None:
-        return found
-    if any("_attnswap_original_class" in vars(base) for base in cls.__mro__[1:]):
-        return _rewrapped(cls)
-    return cls
+    return found if found is not None else _rewrapped(cls)
 
 
 _rewrapped_classes: _ClassCache = _ClassCache(CLASS_CACHE_SIZE)
