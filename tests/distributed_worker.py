@@ -11,7 +11,6 @@ with an unpatched single process on the full batch.
 from __future__ import annotations
 
 import datetime
-import os
 import sys
 import traceback
 from pathlib import Path

@@ -6,7 +6,7 @@ import torch
 import torch._dynamo.testing
 
 import attnswap
-from families import build, features
+from families import build
 
 
 def _compiled_twice(model, x, backend):

@@ -115,10 +115,10 @@ def is_library_class(cls: type) -> bool:
     attention it computes is still the user's."""
     if not _is_torch_class(cls):
         return False
-    found = _library_classes.get(cls)
-    if found is None:
-        found = all(_is_torch_class(k) for k in cls.__mro__)
-        with _cache_lock:
+    with _cache_lock:  # the LRU reorders on every read: reads and writes share the lock
+        found = _library_classes.get(cls)
+        if found is None:
+            found = all(_is_torch_class(k) for k in cls.__mro__)
             _library_classes.put(cls, found)
     return found
 
