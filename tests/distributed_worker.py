@@ -221,15 +221,29 @@ def dtensor_activations(family, rank, world):
     from torch.distributed.tensor import Replicate, distribute_module, distribute_tensor
 
     _, mesh = _fsdp_setup()
+
+    def grads_of(model):
+        distribute_module(model, mesh)
+        out = features(model, distribute_tensor(full_batch(family), mesh, [Replicate()]))
+        loss_of(out).backward()
+        return _full_grads(model), out
+
+    # The reference is the unpatched model under the same DTensor run: torch 2.11 returns world-size
+    # times the single-process gradient for replicated parameters (2.14 does not), patched or not.
+    # Its own math path, because torch 2.11 has no DTensor rule for CPU SDPA.
+    unpatched, _ = build(family, torch.float64)
+    for module in unpatched.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    unpatched_grads, _ = grads_of(unpatched)
+
     model, _ = build(family, torch.float64)
     report = attnswap.patch(model, backend=BACKEND)
-    distribute_module(model, mesh)
     QUERY_TYPES.clear()
-    out = features(model, distribute_tensor(full_batch(family), mesh, [Replicate()]))
-    loss_of(out).backward()
+    grads, out = grads_of(model)
     return {
-        "grads": _full_grads(model), "stats": _stats(model), "query_types": sorted(set(QUERY_TYPES)),
-        "patched": _patched_paths(report), "out_type": type(out).__name__,
+        "grads": grads, "unpatched_grads": unpatched_grads, "stats": _stats(model),
+        "query_types": sorted(set(QUERY_TYPES)), "patched": _patched_paths(report), "out_type": type(out).__name__,
     }
 
 

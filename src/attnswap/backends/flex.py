@@ -82,6 +82,20 @@ def _causal(query, key, value, scale, enable_gqa):
     return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
+def _distinct(query, key, value):
+    """``key`` and ``value`` as tensor objects distinct from each other and from ``query``.
+
+    Dynamo turns one tensor passed twice into one graph input, and inductor's flex lowering
+    in torch 2.11 (not 2.14) rejects that ("query, key, value are the same buffer"). A view is a new
+    object over the same memory: nothing is copied, and dynamo keeps the inputs apart."""
+    value_repeats = value is query or value is key
+    if key is query:
+        key = key.view(key.shape)
+    if value_repeats:
+        value = value.view(value.shape)
+    return key, value
+
+
 def _own_code_copy(fn: Callable, tag: int) -> Callable:
     """A copy of ``fn`` with its own code object: dynamo keeps one cache (and one recompile
     budget) per code object, so each call signature compiles exactly once."""
@@ -149,6 +163,7 @@ class FlexBackend(Backend):
         if dropout_p:
             raise BackendRefused("flex_attention has no dropout")
         gqa = enable_gqa or key.size(-3) != query.size(-3)
+        key, value = _distinct(query, key, value)
         if is_causal:
             variant, extra = _causal, ()
         elif attn_mask is None:
