@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import attnswap
-from families import build, features
+from families import build
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import torch._dynamo.testing
 
 import attnswap
 from families import build
+from versions import assert_traced_with, needs_flex_on_cpu
 
 
 def _compiled_twice(model, x, backend):
@@ -42,12 +43,12 @@ def test_whole_model_compiles_fullgraph_once_and_matches(family, backend):
     for out in outs:
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for one input signature"
-    traced = attnswap.stats(model)
-    assert all(list(site.traced) == [backend] for site in traced), traced
+    assert_traced_with(attnswap.stats(model), backend)
     torch._dynamo.reset()
 
 
 @pytest.mark.slow
+@needs_flex_on_cpu
 @pytest.mark.parametrize("family", ["vit", "swin"])
 def test_whole_model_compiles_fullgraph_with_flex(family):
     # flex needs AOT autograd to lower its higher-order op; swin's bias is a graph input here

@@ -9,6 +9,7 @@ import attnswap
 from attnswap.backends import eager_attention
 from conftest import SdpaCounter
 from families import FAMILIES, SLOW_FAMILIES, build, features
+from versions import needs_flex_on_cpu
 
 CPU_BACKENDS = ["sdpa", "sdpa_math", "sdpa_flash", "eager"]
 FLEX_FAMILIES = ["vit", "swin", "beit", "samvit", "mobilenetv4_hybrid", "nest"]
@@ -81,6 +82,7 @@ def test_family_patched_equals_unpatched(family, backend, dtype):
                 assert fb.used == "sdpa" and fb.refused["sdpa_flash"], fb
 
 
+@needs_flex_on_cpu
 @pytest.mark.parametrize("family", FLEX_FAMILIES)
 def test_family_with_flex(family):
     s = check_numerics(family, "flex", torch.float32)
@@ -88,6 +90,7 @@ def test_family_with_flex(family):
 
 
 @pytest.mark.slow
+@needs_flex_on_cpu
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(FLEX_FAMILIES)))
 def test_family_with_flex_slow(family):
     check_numerics(family, "flex", torch.float32)

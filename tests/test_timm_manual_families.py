@@ -8,6 +8,7 @@ from torch.overrides import TorchFunctionMode
 
 import attnswap
 from families import MANUAL_FAMILIES, build, features
+from versions import needs_flex_on_cpu
 from test_timm_families import relative_error
 
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
@@ -68,6 +69,7 @@ def test_manual_family_patched_equals_unpatched(family, backend, dtype):
 
 
 @pytest.mark.slow
+@needs_flex_on_cpu
 @pytest.mark.parametrize("family", list(MANUAL_FAMILIES))
 def test_manual_family_with_flex(family):
     model, x = build(family)

@@ -9,6 +9,7 @@ import torch
 import attnswap
 from attnswap.backends import eager_attention
 from families import FAMILIES, MANUAL_FAMILIES, build, features
+from versions import needs_flex_on_cpu
 
 #: CPU backends with backward, each in float64 (flex takes no float64: its own test, float32)
 BACKENDS = ("sdpa", "sdpa_math", "sdpa_flash", "eager")
@@ -122,6 +123,7 @@ def test_gradients_match_for_every_family_and_backend(family):
 
 
 @pytest.mark.slow
+@needs_flex_on_cpu
 @pytest.mark.parametrize("family", ["vit", "swin", "beit", "levit"])
 def test_flex_gradients_match_in_float32(family):
     check_family(family, backends=("flex",), dtype=torch.float32, tol=1e-5)

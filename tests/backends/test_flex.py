@@ -8,6 +8,7 @@ import attnswap
 from attnswap.backends import eager_attention, get_backend
 from attnswap.routing import Policy, Router
 from conftest import rand
+from versions import FLEX_ON_CPU, needs_flex_on_cpu
 
 
 def route(*args, strict=True, **kwargs):
@@ -43,6 +44,7 @@ CASES = {
 }
 
 
+@needs_flex_on_cpu
 @pytest.mark.parametrize("name", list(CASES))
 def test_flex_matches_eager(name):
     (q, k, v), kwargs = CASES[name]()
@@ -54,6 +56,7 @@ def test_flex_matches_eager(name):
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
 
 
+@needs_flex_on_cpu
 def test_repeated_calls_do_not_recompile_and_new_bias_values_are_used():
     flex = get_backend("flex")
     q = f32(1, 2, 24, 16, seed=1)
@@ -89,6 +92,7 @@ def test_flex_refuses_what_it_cannot_do_on_cpu(make, reason):
     assert [t.backend for t in router.tallies()] == ["sdpa"]
 
 
+@needs_flex_on_cpu
 def test_flex_refuses_masks_inside_compiled_cpu_graphs_and_missing_compiler(monkeypatch):
     import dataclasses
 
@@ -105,3 +109,12 @@ def test_flex_refuses_masks_inside_compiled_cpu_graphs_and_missing_compiler(monk
         "causal and unmasked calls stay on flex inside a graph"
     monkeypatch.setattr(flex_module, "_cpp_compiler", lambda: None)
     assert any("no C++ compiler" in r for r in flex.reasons(facts)[0])
+
+
+def test_flex_on_cpu_refused_before_torch_2_6_with_the_version():
+    from attnswap.call import facts_of
+
+    q = f32(1, 2, 8, 16)
+    reasons = get_backend("flex").reasons(facts_of(q, q, q))[0]
+    version_reasons = [r for r in reasons if "needs torch >= 2.6" in r]
+    assert bool(version_reasons) is not FLEX_ON_CPU, reasons

@@ -18,6 +18,7 @@ moment still runs under the pinned flags (PyTorch's limitation; README, "Threads
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 
@@ -78,6 +79,11 @@ class PinnedSdpaBackend(Backend):
 
         return getattr(SDPBackend, self.kernel_name)
 
+    def extra_reasons(self, facts: CallFacts) -> list[str]:
+        if facts.in_graph and not dynamo_traces_sdpa_kernel():
+            return [f"pinning an SDPA kernel inside torch.compile: the dynamo of torch {torch.__version__} cannot trace sdpa_kernel"]
+        return []
+
     def check_available(self) -> str | None:
         try:
             from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: F401
@@ -128,6 +134,16 @@ class PinnedSdpaBackend(Backend):
             ) from None
 
 
+@functools.lru_cache(maxsize=None)
+def dynamo_traces_sdpa_kernel() -> bool:
+    """Whether dynamo can trace ``sdpa_kernel`` (torch 2.5's cannot: a pinned kernel breaks the graph).
+
+    Asked only while tracing, when dynamo is already imported."""
+    from torch._dynamo.variables import ctx_manager
+
+    return hasattr(ctx_manager, "SDPAKernelVariable")
+
+
 def _strip_origin(message: str) -> str:
     return message.split(" (Triggered internally at")[0].strip()
 
@@ -169,7 +185,7 @@ class SdpaFlashBackend(PinnedSdpaBackend):
     }
 
     def extra_reasons(self, facts: CallFacts) -> list[str]:
-        out = head_count_reasons(facts, same_kv_heads=True)
+        out = super().extra_reasons(facts) + head_count_reasons(facts, same_kv_heads=True)
         if facts.device_type == "cuda" and facts.needs_grad:
             cap = cuda_capability(facts.device_index)
             if (8, 6) <= cap <= (8, 9) or (12, 0) <= cap <= (12, 1):
@@ -195,9 +211,10 @@ class SdpaEfficientBackend(PinnedSdpaBackend):
     }
 
     def extra_reasons(self, facts: CallFacts) -> list[str]:
+        out = super().extra_reasons(facts)
         if facts.device_type != "cuda":
-            return []
-        out = head_count_reasons(facts, same_kv_heads=True)
+            return out
+        out += head_count_reasons(facts, same_kv_heads=True)
         cap = cuda_capability(facts.device_index)
         if facts.dtype == torch.bfloat16 and cap < (8, 0):
             out.append("bfloat16 needs compute capability >= 8.0")
@@ -234,9 +251,10 @@ class SdpaCudnnBackend(PinnedSdpaBackend):
     }
 
     def extra_reasons(self, facts: CallFacts) -> list[str]:
+        out = super().extra_reasons(facts)
         if facts.device_type != "cuda":
-            return []
-        out = head_count_reasons(facts, same_kv_heads=False)
+            return out
+        out += head_count_reasons(facts, same_kv_heads=False)
         cap = cuda_capability(facts.device_index)
         version = torch.backends.cudnn.version() or 0
         big = (cap == (9, 0) or cap[0] == 10) and version > 92200
