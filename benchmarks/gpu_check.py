@@ -283,6 +283,35 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def xformers_own_verdict(device: torch.device) -> dict:
+    """What xformers itself says of a plain bf16 ViT-B call, apart from attnswap's adapter.
+
+    xformers' cutlass and flash operators call PyTorch's own kernels, but each operator's
+    ``not_supported_reasons`` also refuses when xformers' extension did not load (a wheel built
+    for another torch): this records each operator's reasons and one direct call."""
+    try:
+        import xformers
+        import xformers.ops as xops
+        from xformers.ops.fmha import cutlass, flash
+        from xformers.ops.fmha.common import Inputs
+    except Exception as exc:  # noqa: BLE001 - not carried, or broken: that is the finding
+        return dict(importable=False, error=f"{type(exc).__name__}: {exc}")
+    q, k, v = (torch.randn(2, 197, 12, 64, dtype=torch.bfloat16, device=device) for _ in range(3))
+    verdict: dict = dict(importable=True, version=xformers.__version__, extension_loaded=getattr(xformers, "_has_cpp_library", None))
+    for op in (cutlass.FwOp, flash.FwOp):
+        try:
+            verdict[op.NAME] = op.not_supported_reasons(Inputs(query=q, key=k, value=v)) or "supported"
+        except Exception as exc:  # noqa: BLE001
+            verdict[op.NAME] = f"{type(exc).__name__}: {exc}"
+    try:
+        out = xops.memory_efficient_attention(q, k, v)
+        ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v))).transpose(1, 2)
+        verdict["direct_call"] = f"ran, rel err {rel(out.float(), ref):.2e}"
+    except Exception as exc:  # noqa: BLE001
+        verdict["direct_call"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    return verdict
+
+
 def fmt(x, spec=".2e") -> str:
     return "" if x is None else format(x, spec)
 
@@ -311,6 +340,9 @@ def print_tables(result: dict) -> None:
           fmt(r.get("images_per_s"), ".0f"), fmt(r.get("speedup"), ".2f"), fmt(r.get("rel_err")),
           r.get("fallbacks", "")) for r in result["models"]],
     ))
+    verdict = result["xformers_own_verdict"]
+    print(render_table("xformers' own verdict (without attnswap)", ("what", "result"),
+                       [(k, str(v)[:200]) for k, v in verdict.items()]))
     bad = [r for r in result["numerics"] if r.get("within_tolerance") is False]
     best = {}
     for r in result["models"]:
@@ -344,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.backends:
         backends = [attnswap.backends.resolve_name(n) for n in args.backends.split(",")]
     result: dict = dict(environment=environment(device), backends=[b.as_dict() for b in infos], selected=backends)
+    result["xformers_own_verdict"] = xformers_own_verdict(device)
     all_cases = cases(args.smoke)
     # numerics first (the check), speed next, whole models last; each gets part of the budget
     section = Clock(args.budget * 0.25)

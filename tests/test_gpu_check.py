@@ -22,5 +22,16 @@ def test_gpu_check_smoke_writes_every_section(tmp_path, capsys):
         assert all(r["status"].startswith("refused: device cpu") for r in result["numerics"] if r["backend"] == "sdpa_cudnn")
     assert [r["backend"] for r in result["models"]] == ["unpatched", "sdpa", "sdpa_cudnn", "eager", "auto"]
     assert all(r["status"] == "ok" for r in result["models"])
+    verdict = result["xformers_own_verdict"]
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # noqa: BLE001
+        assert verdict["importable"] is False
+    else:  # CI installs its Python side: on CPU every operator refuses the device, and the call fails
+        assert verdict["importable"] is True and "direct_call" in verdict
+        if result["environment"]["device"] == "cpu":
+            assert any("device=cpu" in r for r in verdict["cutlassF-pt"]), verdict
+            assert not verdict["direct_call"].startswith("ran")
     printed = capsys.readouterr().out
+    assert "xformers' own verdict" in printed
     assert printed.index("numerics vs float32 math") < printed.index("summary")
