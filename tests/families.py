@@ -156,6 +156,10 @@ def build(family: str, dtype: torch.dtype = torch.float32):
     import timm
 
     name, kwargs, shape = {**FAMILIES, **MANUAL_FAMILIES, **SLOW_FAMILIES}[family]
+    if name not in timm.list_models():  # CI's timm has them all; an older one (bash .ci/compat) may not
+        import pytest
+
+        pytest.skip(f"{name} is not in timm {timm.__version__}")
     torch.manual_seed(0)
     # constant-initialized gates (zero-init BN, 1e-5 layer scales) would hide attention errors
     model = ungate(timm.create_model(name, pretrained=False, **kwargs)).eval().to(dtype)

@@ -2,6 +2,7 @@
 is found and routed (or deliberately left alone, with its reason), outputs match, nothing escapes."""
 
 import pytest
+import torch
 
 from attnswap import coverage
 from attnswap.cli import main
@@ -56,8 +57,33 @@ def test_report_totals_and_problems():
 
 
 def test_cli_writes_the_report(tmp_path):
+    import timm
+
+    if "test_vit" not in timm.list_models():
+        pytest.skip(f"timm {timm.__version__} has no test_vit")
     out, js = tmp_path / "COVERAGE.md", tmp_path / "cov.json"
     assert main(["coverage", "test_vit", "levit_128s", "--out", str(out), "--json", str(js)]) == 0
     text = out.read_text()
     assert "| fully routed | 2 |" in text and "M.levit.Attention" in text
     assert [r.name for r in coverage.load_json(js)] == ["levit_128s", "test_vit"]
+
+
+def test_discovery_builds_on_meta_with_an_older_timm_too():
+    """timm 1.0.15 takes no `device=`, and some of its models read values in __init__."""
+
+    class Model(torch.nn.Module):
+        def __init__(self, reads_values: bool) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            if reads_values:
+                torch.linspace(0, 1, 3)[1].item()
+
+    class OldTimm:
+        def __init__(self, reads_values: bool) -> None:
+            self.reads_values = reads_values
+
+        def create_model(self, name, pretrained=False):
+            return Model(self.reads_values)
+
+    assert coverage._create_on_meta(OldTimm(False), "m").proj.weight.is_meta
+    assert not coverage._create_on_meta(OldTimm(True), "m").proj.weight.is_meta

@@ -153,10 +153,24 @@ def _alarm(seconds: int):
         signal.alarm(seconds)
 
 
+def _create_on_meta(timm, name: str) -> torch.nn.Module:
+    """The model without memory where timm allows it: discovery needs only its modules."""
+    try:
+        return timm.create_model(name, pretrained=False, device="meta")
+    except TypeError as exc:  # an older timm takes no `device` (1.0.15 does not)
+        if "device" not in str(exc):
+            raise
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False)
+    except RuntimeError:  # its __init__ reads values (`.item()` of a drop-path schedule): build it for real
+        return timm.create_model(name, pretrained=False)
+
+
 def _discover(name: str, result: ModelCoverage) -> None:
     import timm
 
-    model = timm.create_model(name, pretrained=False, device="meta")
+    model = _create_on_meta(timm, name)
     result.params_m = sum(p.numel() for p in model.parameters()) / 1e6
     report = patch(model, backend="sdpa")
     result.sites = sum(s.status != NOT_ATTENTION for s in report.sites)
