@@ -238,9 +238,14 @@ def test_timm_fx_feature_extraction_keeps_routing():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
-def test_torch_compile_inductor_end_to_end(backend):
-    model, x = build("vit_relpos")
+@pytest.mark.parametrize("family, backend", [
+    ("vit_relpos", "sdpa"),
+    pytest.param("vit_relpos", "flex", marks=needs_flex_on_cpu),
+    # q/k/v from one fused qkv buffer: inductor's CPU flex lowering rejected that before 2.13
+    pytest.param("vit", "flex", marks=needs_flex_on_cpu),
+])
+def test_torch_compile_inductor_end_to_end(family, backend):
+    model, x = build(family)
     with torch.no_grad():
         ref = features(model, x)
     attnswap.patch(model, backend=backend)
@@ -250,7 +255,9 @@ def test_torch_compile_inductor_end_to_end(backend):
         compiled(x)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     traced = attnswap.stats(model)[0].traced
-    if backend == "flex":
+    if family == "vit":
+        assert_traced_with(attnswap.stats(model), backend)
+    elif backend == "flex":
         # the rel-pos bias is computed in the graph: inductor cannot lower that for CPU flex,
         # so the call falls back to sdpa inside the graph, with the reason
         assert list(traced) == ["sdpa"]

@@ -14,18 +14,26 @@ TORCH = Version(torch.__version__.split("+")[0])
 FLEX_ON_CPU = TORCH >= Version("2.6")
 #: torch 2.6's dynamo traces ``sdpa_kernel``; on 2.5 a pinned SDPA kernel falls back inside a graph
 PINNED_KERNEL_IN_GRAPH = TORCH >= Version("2.6")
+#: before torch 2.13, inductor's CPU flex lowering rejects q/k/v sharing a buffer: attnswap
+#: refuses flex inside a CPU graph there
+FLEX_ON_CPU_IN_GRAPH = TORCH >= Version("2.13")
 
 needs_flex_on_cpu = pytest.mark.skipif(not FLEX_ON_CPU, reason=f"flex_attention on CPU needs torch >= 2.6 ({TORCH})")
 
 
 def assert_traced_with(stats, backend: str) -> None:
-    """Every site of ``stats`` chose ``backend`` while tracing; on a torch whose dynamo cannot
-    trace ``sdpa_kernel``, a pinned SDPA backend falls back to ``sdpa`` there, with that reason."""
+    """Every site of ``stats`` chose ``backend`` while tracing (on CPU). Where this torch cannot
+    take it inside a graph, the site falls back to ``sdpa`` there, with the reason."""
+    refused_because = None
     if backend.startswith("sdpa_") and not PINNED_KERNEL_IN_GRAPH:
+        refused_because = "cannot trace sdpa_kernel"
+    elif backend == "flex" and not FLEX_ON_CPU_IN_GRAPH:
+        refused_because = "share a buffer"
+    if refused_because:
         for site in stats:
             assert list(site.traced) == ["sdpa"], site
             reasons = [r for f in site.fallbacks for r in f.refused.get(backend, ())]
-            assert reasons and all("cannot trace sdpa_kernel" in r for r in reasons), site.fallbacks
+            assert reasons and all(refused_because in r for r in reasons), site.fallbacks
         return
     for site in stats:
         assert list(site.traced) == [backend], site

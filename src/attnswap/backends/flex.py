@@ -29,6 +29,7 @@ from ..errors import BackendRefused
 from .base import Backend, Limits
 
 _LOW = frozenset({torch.float32, torch.float16, torch.bfloat16})
+_TORCH = Version(torch.__version__.split("+")[0])
 _CACHE_SIZE = 128
 
 
@@ -85,9 +86,10 @@ def _causal(query, key, value, scale, enable_gqa):
 def _distinct(query, key, value):
     """``key`` and ``value`` as tensor objects distinct from each other and from ``query``.
 
-    Dynamo turns one tensor passed twice into one graph input, and inductor's flex lowering
-    in torch 2.11 (not 2.14) rejects that ("query, key, value are the same buffer"). A view is a new
-    object over the same memory: nothing is copied, and dynamo keeps the inputs apart."""
+    Dynamo turns one tensor passed twice into one graph input, and inductor's CPU flex lowering
+    before torch 2.13 rejects that ("query, key, value are the same buffer"). A view is a new
+    graph input over the same memory: nothing is copied. (Inside a caller's graph a view is
+    still the same buffer, so there that torch is refused instead: see ``extra_reasons``.)"""
     value_repeats = value is query or value is key
     if key is query:
         key = key.view(key.shape)
@@ -122,7 +124,7 @@ class FlexBackend(Backend):
         self._tags = 0
 
     def check_available(self) -> str | None:
-        if Version(torch.__version__.split("+")[0]) < Version("2.5"):
+        if _TORCH < Version("2.5"):
             return f"flex_attention needs torch >= 2.5 (found {torch.__version__})"
         try:
             _flex()
@@ -147,11 +149,16 @@ class FlexBackend(Backend):
         elif hq != hk and not facts.enable_gqa and hk != 1:
             out.append(f"query heads {hq} vs key/value heads {hk} without enable_gqa")
         if facts.device_type == "cpu":
-            if Version(torch.__version__.split("+")[0]) < Version("2.6"):
+            if _TORCH < Version("2.6"):
                 out.append(f"flex_attention on CPU needs torch >= 2.6 (found {torch.__version__})")
             if not _cpp_compiler():
                 out.append("no C++ compiler found for inductor's CPU code (set CXX or install g++)")
-            if facts.in_graph and facts.has_mask:
+            if facts.in_graph and _TORCH < Version("2.13"):
+                out.append(
+                    f"inside a torch.compile graph on CPU, torch {torch.__version__}'s inductor cannot lower flex when "
+                    "query/key/value share a buffer (a fused qkv projection); torch >= 2.13 can"
+                )
+            elif facts.in_graph and facts.has_mask:
                 # inductor's CPU flex lowering asserts when score_mod/mask_mod read a tensor computed
                 # inside the same graph (a bias from a rel-pos table, say): torch 2.14 limitation
                 out.append("attn_mask inside a torch.compile graph on CPU (inductor cannot lower it for flex)")
@@ -163,7 +170,8 @@ class FlexBackend(Backend):
         if dropout_p:
             raise BackendRefused("flex_attention has no dropout")
         gqa = enable_gqa or key.size(-3) != query.size(-3)
-        key, value = _distinct(query, key, value)
+        if not torch.compiler.is_compiling():
+            key, value = _distinct(query, key, value)
         if is_causal:
             variant, extra = _causal, ()
         elif attn_mask is None:
