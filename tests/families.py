@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from attnswap.models import ungate
+from versions import skip_unless_in_timm
 
 FAMILIES: dict[str, tuple[str, dict, tuple[int, ...]]] = {
     # L.attention.Attention (+ AttentionPoolLatent via global_pool='map')
@@ -156,10 +157,7 @@ def build(family: str, dtype: torch.dtype = torch.float32):
     import timm
 
     name, kwargs, shape = {**FAMILIES, **MANUAL_FAMILIES, **SLOW_FAMILIES}[family]
-    if name not in timm.list_models():  # CI's timm has them all; an older one (bash .ci/compat) may not
-        import pytest
-
-        pytest.skip(f"{name} is not in timm {timm.__version__}")
+    skip_unless_in_timm(name)
     torch.manual_seed(0)
     # constant-initialized gates (zero-init BN, 1e-5 layer scales) would hide attention errors
     model = ungate(timm.create_model(name, pretrained=False, **kwargs)).eval().to(dtype)

@@ -6,6 +6,7 @@ import torch
 
 from attnswap import coverage
 from attnswap.cli import main
+from versions import skip_unless_in_timm
 
 #: model -> classes expected to be left alone (C: no single attention call expresses them)
 SAMPLE = {
@@ -31,6 +32,7 @@ SAMPLE = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SAMPLE))
 def test_sample_model_fully_covered(name):
+    skip_unless_in_timm(name)
     r = coverage.sweep_one(name)
     assert not r.error, r.error
     assert r.routed > 0 and not r.not_routable, r
@@ -57,10 +59,7 @@ def test_report_totals_and_problems():
 
 
 def test_cli_writes_the_report(tmp_path):
-    import timm
-
-    if "test_vit" not in timm.list_models():
-        pytest.skip(f"timm {timm.__version__} has no test_vit")
+    skip_unless_in_timm("test_vit")
     out, js = tmp_path / "COVERAGE.md", tmp_path / "cov.json"
     assert main(["coverage", "test_vit", "levit_128s", "--out", str(out), "--json", str(js)]) == 0
     text = out.read_text()

@@ -63,3 +63,12 @@ def unpatched_or_skip(compute):
         if timm.__version__ == CI_TIMM:
             raise
         pytest.skip(f"the unpatched model fails with timm {timm.__version__}: {type(exc).__name__}: {exc}")
+
+
+def skip_unless_in_timm(name: str) -> None:
+    """Skip when the installed timm has no model ``name``: CI's has every one the tests use, an
+    older timm (``TIMM=... bash .ci/compat``) may not."""
+    import timm
+
+    if name not in timm.list_models():
+        pytest.skip(f"{name} is not in timm {timm.__version__}")
