@@ -33,10 +33,20 @@ def _parameters(fn) -> list[tuple[str, object, object]]:
     return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
 
-def test_xformers_signature_is_the_fakes():
-    xops = _real("xformers.ops")
-    fake = fakes.xformers_ops(fakes.Recorder())
-    assert _parameters(xops.memory_efficient_attention) == _parameters(fake.memory_efficient_attention)
+@pytest.mark.parametrize(
+    "module, function, make_fake",
+    [
+        ("xformers.ops", "memory_efficient_attention", fakes.xformers_ops),
+        ("flash_attn", "flash_attn_func", fakes.flash_attn_2),
+        ("flash_attn_interface", "flash_attn_func", fakes.flash_attn_3),
+        ("flash_attn.cute", "flash_attn_func", fakes.flash_attn_4),
+        ("sageattention", "sageattn", fakes.sageattention),
+    ],
+)
+def test_signature_is_the_fakes(module, function, make_fake):
+    real = getattr(_real(module), function)
+    fake = getattr(make_fake(fakes.Recorder()), function)
+    assert _parameters(real) == _parameters(fake)
 
 
 def test_xformers_causal_mask_is_top_left_like_sdpa():
@@ -94,27 +104,3 @@ def test_xformers_adapter_reports_an_extension_that_did_not_load():
         assert reason is not None and "compiled extension did not load" in reason
     else:
         assert reason is None or "compiled extension" not in reason
-
-
-def test_flash_attn_2_signature_is_the_fakes():
-    flash_attn = _real("flash_attn")
-    fake = fakes.flash_attn_2(fakes.Recorder())
-    assert _parameters(flash_attn.flash_attn_func) == _parameters(fake.flash_attn_func)
-
-
-def test_flash_attn_3_signature_is_the_fakes():
-    interface = _real("flash_attn_interface")
-    fake = fakes.flash_attn_3(fakes.Recorder())
-    assert _parameters(interface.flash_attn_func) == _parameters(fake.flash_attn_func)
-
-
-def test_flash_attn_4_signature_is_the_fakes():
-    cute = _real("flash_attn.cute")
-    fake = fakes.flash_attn_4(fakes.Recorder())
-    assert _parameters(cute.flash_attn_func) == _parameters(fake.flash_attn_func)
-
-
-def test_sageattention_signature_is_the_fakes():
-    sage = _real("sageattention")
-    fake = fakes.sageattention(fakes.Recorder())
-    assert _parameters(sage.sageattn) == _parameters(fake.sageattn)
