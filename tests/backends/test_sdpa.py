@@ -9,9 +9,10 @@ import torch.nn.functional as F
 
 import attnswap
 from attnswap.backends import get_backend
-from attnswap.call import CallFacts, facts_of
+from attnswap.call import facts_of
 from attnswap.routing import Policy, Router
 from conftest import rand
+from versions import PINNED_KERNEL_IN_GRAPH
 
 
 def route(backend, *args, strict=True, **kwargs):
@@ -162,3 +163,18 @@ def test_old_gpu_is_refused_with_capability(monkeypatch):
 def test_sdpa_and_math_accept_everything():
     assert get_backend("sdpa").accepts_everything and get_backend("sdpa_math").accepts_everything
     assert reasons("sdpa_math", cuda_facts(dtype=torch.float64, dropout_p=0.3)) == []
+
+
+@pytest.mark.parametrize("name", ["sdpa_math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn"])
+def test_pinned_kernels_refuse_inside_a_graph_when_dynamo_cannot_trace_sdpa_kernel(name, monkeypatch):
+    """torch 2.5's dynamo cannot trace sdpa_kernel: there a pinned kernel steps aside inside a graph."""
+    from attnswap.backends import sdpa as sdpa_module
+
+    q = rand(1, 2, 8, 16)
+    in_graph = dataclasses.replace(facts_of(q, q, q), in_graph=True)
+    backend = get_backend(name)
+    refused_here = any("sdpa_kernel" in r for r in backend.extra_reasons(in_graph))
+    assert refused_here is not PINNED_KERNEL_IN_GRAPH, "this torch's own answer"
+    monkeypatch.setattr(sdpa_module, "dynamo_traces_sdpa_kernel", lambda: False)
+    assert any("cannot trace sdpa_kernel" in r for r in backend.extra_reasons(in_graph))
+    assert not any("sdpa_kernel" in r for r in backend.extra_reasons(facts_of(q, q, q))), "eager calls are unaffected"
