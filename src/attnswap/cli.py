@@ -7,6 +7,7 @@
     attnswap inspect MODEL [--backend X] [--batch N] [--img-size S] [--input-shape ...] [--json]
     attnswap verify MODEL --backend X [--tolerance T] [--dtype D] [--json]
     attnswap coverage [GLOB ...] [--out COVERAGE.md] [--json FILE] [--no-numerics] [--max-params 100]
+    attnswap fuzz [BACKEND ...] [--calls 1000] [--specs K] [--dtypes float32,float64] [--seed S] [--json FILE]
 
 ``bench`` is the main job: it builds a timm model locally (no weights are downloaded),
 patches it with each backend in turn, and shows which backend served every call (fallbacks
@@ -181,6 +182,40 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from .fuzz import fuzz
+    from .reporting import build_table
+
+    dtypes = [getattr(torch, d.strip()) for d in args.dtypes.split(",") if d.strip()]
+    reports = []
+    for name in args.backends or ["sdpa", "sdpa_math", "sdpa_flash", "eager"]:
+        reports.append(fuzz(name, args.calls, dtypes=dtypes, specs=args.specs, seed=args.seed, max_len=args.max_len))
+        r = reports[-1]
+        print(f"{name}: {r.calls} calls, {len(r.wrong)} wrong ({r.seconds:.0f} s)", file=sys.stderr, flush=True)
+    rows = [
+        (r.backend, r.calls, r.served, r.refused, r.fell_back, len(r.wrong),
+         ", ".join(f"{d} {w:.2g}" for d, w in sorted(r.worst.items())), f"{r.seconds:.1f}")
+        for r in reports
+    ]
+    title = (
+        f"fuzz vs float64 eager: torch {torch.__version__}, {platform.machine()} "
+        f"{torch.backends.cpu.get_cpu_capability()}, seed {args.seed}"
+    )
+    header = ("backend", "calls", "served", "refused (strict)", "fell back", "wrong", "worst / tolerance", "seconds")
+    _console().print(build_table(title, header, rows))
+    for r in reports:
+        for w in r.wrong[:20]:
+            print(f"WRONG {w}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.as_dict() for r in reports], f, indent=1)
+    return 1 if any(r.wrong for r in reports) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnswap", description="Route the attention of PyTorch models to the backend you choose.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per model, not only problems")
     p.set_defaults(func=cmd_coverage)
+    p = sub.add_parser("fuzz", help="random calls through each backend vs float64 eager: any wrong answer exits 1")
+    p.add_argument("backends", nargs="*", help="backend names (default: sdpa sdpa_math sdpa_flash eager)")
+    p.add_argument("--calls", type=int, default=1000, help="calls per backend, split over dtypes and strict/fallback")
+    p.add_argument("--specs", type=int, default=None, help="distinct call signatures per dtype and mode (bounds flex compiles)")
+    p.add_argument("--dtypes", default="float32,float64")
+    p.add_argument("--max-len", type=int, default=48, help="longest query/key sequence drawn")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the reports as JSON here")
+    p.set_defaults(func=cmd_fuzz)
     return parser
 
 

@@ -9,6 +9,10 @@ are used so the caller's graph inlines them.
 
 Flex has no dropout (refused). On CPU (torch >= 2.6, needs a C++ compiler) it has no
 backward and no float64 (refused); on CUDA it needs Triton.
+
+On CPU, inductor's kernel computes wrong values (or NaN) in one shape region on CPUs whose
+vector unit holds fewer than 16 floats (AVX2, NEON): see :func:`cpu_kernel_miscomputes`.
+Those calls are refused with the reason, so they fall back.
 """
 
 from __future__ import annotations
@@ -153,6 +157,8 @@ class FlexBackend(Backend):
                 out.append(f"flex_attention on CPU needs torch >= 2.6 (found {torch.__version__})")
             if not _cpp_compiler():
                 out.append("no C++ compiler found for inductor's CPU code (set CXX or install g++)")
+            elif _TORCH >= Version("2.6"):
+                out.extend(_cpu_kernel_reasons(facts.head_dim, facts.kv_len))
             if facts.in_graph and _TORCH < Version("2.13"):
                 out.append(
                     f"inside a torch.compile graph on CPU, torch {torch.__version__}'s inductor cannot lower flex when "
@@ -209,6 +215,67 @@ class FlexBackend(Backend):
     def compiled_signatures(self) -> int:
         """How many call signatures have a compiled kernel in the cache."""
         return len(self._compiled)
+
+
+#: the key-sequence tile of inductor's CPU q·kᵀ micro-kernel (``GemmBlocking(1, 16, 1)``)
+_QK_TILE = 16
+
+
+def cpu_kernel_miscomputes(head_dim: int, kv_len: int, lanes: int) -> bool:
+    """Whether inductor's CPU flex kernel computes this call's scores wrongly (torch 2.7 to 2.14 at least).
+
+    The kernel multiplies q by kᵀ in tiles of 16 keys (``CppMicroGemmFP32Vec`` with a
+    transposed B, ``torch/_inductor/codegen/cpp_micro_gemm.py``). For a head dim that is a
+    multiple of the vector width and below 24 it takes a path written for whole 16-key tiles,
+    and it also takes that path for the last, partial tile whenever the tile's width is a
+    multiple of the vector width. With vectors of 16 floats (AVX-512) no partial tile qualifies;
+    with fewer (AVX2: 8, NEON: 4) a tail of 8 keys (or 4, 8, 12) reads past the keys and writes
+    scores past the row it belongs to: wrong values or NaN, varying with whatever memory follows.
+    Key blocks are whole multiples of 16 (one block without a block mask, 128 with one), so the
+    partial tile is ``kv_len % 16`` wide.
+
+    Measured (torch 2.14.1, ``ATEN_CPU_CAPABILITY=avx2``, ``tests/backends/flex_kernel_sweep.py``):
+    every head dim 1..40, 48, 56, 64 against kv lengths 1..40, 47, 48, 63, 64, 65, 130 and query
+    lengths 1, 5, 17; wrong exactly at head dims 8 and 16 with kv_len 8, 24, 40. With AVX-512,
+    none wrong.
+    """
+    if lanes >= _QK_TILE:
+        return False
+    tail = kv_len % _QK_TILE
+    return head_dim % lanes == 0 and head_dim < 24 and tail != 0 and tail % lanes == 0
+
+
+def _cpu_kernel_reasons(head_dim: int, kv_len: int) -> list[str]:
+    isa = cpu_vector_isa()
+    if isa is not None and isa[1] == 0:
+        return [
+            "inductor finds no SIMD instruction set it can compile CPU kernels for (ATEN_CPU_CAPABILITY=default?), "
+            "so flex has no CPU kernel here"
+        ]
+    # unknown instruction set: assume the narrow widths the rule is known for
+    name, widths = (isa[0], (isa[1],)) if isa is not None else ("unknown vector unit", (4, 8))
+    bad = [w for w in widths if cpu_kernel_miscomputes(head_dim, kv_len, w)]
+    if not bad:
+        return []
+    return [
+        f"head_dim {head_dim} with kv_len {kv_len} on a CPU with {bad[0]}-float vectors ({name}): inductor's CPU "
+        f"flex kernel computes wrong scores there (its q·kᵀ micro-kernel overruns the last {kv_len % _QK_TILE} keys; "
+        "see attnswap.backends.flex.cpu_kernel_miscomputes)"
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_vector_isa() -> tuple[str, int] | None:
+    """The vector instruction set inductor compiles CPU kernels for, and its floats per vector
+    (0: none, so no CPU flex kernel); None when it cannot be asked. The first call compiles a probe
+    (seconds), as inductor's first compile would."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        isa = pick_vec_isa()
+        return (str(isa), int(isa.nelements(torch.float32))) if isa else ("none", 0)
+    except Exception:  # a private API: any change in it means "unknown", judged conservatively
+        return None
 
 
 @functools.lru_cache(maxsize=None)
