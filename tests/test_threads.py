@@ -175,3 +175,39 @@ def test_auto_tunes_each_signature_once_when_threads_meet_it_together():
                 assert set(site.calls) <= set(chosen.values())
     finally:
         TUNER.forget()
+
+
+def test_pinned_kernels_in_parallel_threads_each_get_their_kernel():
+    """Issue 16: pins are per call, not process-wide. Threads pinning different kernels at once,
+    and a thread calling plain SDPA meanwhile, each get exactly their own kernel's bits (with
+    ``sdpa_kernel``'s global switch, the plain call ran under whatever pin another thread held)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 33, 16, generator=g) for _ in range(3))
+    bias = torch.randn(1, 4, 33, 33, generator=g)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        flash = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    with sdpa_kernel([SDPBackend.MATH]):
+        math_ = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert not torch.equal(flash, math_), "the two kernels must differ in their bits for this test to see a mix-up"
+    assert torch.equal(plain, flash), "on CPU, SDPA picks the flash kernel for this call"
+    flash_router = Router(Policy("sdpa_flash", (), strict=True))
+    math_router = Router(Policy("sdpa_math", (), strict=True))
+    work_of = [
+        (lambda: math_router.route(q, k, v, attn_mask=bias), math_),
+        (lambda: flash_router.route(q, k, v, attn_mask=bias), flash),
+        (lambda: math_router.route(q, k, v, attn_mask=bias), math_),
+        (lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias), plain),
+    ]
+    mixed: list[int] = []
+
+    def work(i):
+        call, expected = work_of[i]
+        for _ in range(400):
+            if not torch.equal(call(), expected):
+                mixed.append(i)
+
+    run_threads(work)
+    assert not mixed, f"threads {sorted(set(mixed))} got another kernel's result ({len(mixed)} calls)"

@@ -21,7 +21,7 @@ import itertools
 import logging
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -109,10 +109,17 @@ class Plan:
         self.facts = facts
 
 
-def _runner(backend: Backend, reshape_4d: bool, site: str, cast: torch.dtype | None = None) -> Callable[..., torch.Tensor]:
+def _runner(
+    backend: Backend, reshape_4d: bool, site: str, cast: torch.dtype | None = None, facts: CallFacts | None = None
+) -> Callable[..., torch.Tensor]:
     """What a plan calls, as ``run(q, k, v, attn_mask, dropout_p, is_causal, scale=, enable_gqa=)``
-    (SDPA's own calling convention, so for ``sdpa`` it is the builtin itself)."""
-    run: Callable[..., torch.Tensor] = backend.kernel
+    (SDPA's own calling convention, so for ``sdpa`` it is the builtin itself). With the call's
+    ``facts`` the backend's :meth:`~Backend.kernel_for` them (as the kernel will see them)."""
+    if facts is None:
+        run: Callable[..., torch.Tensor] = backend.kernel
+    else:
+        seen = facts.as_4d() if reshape_4d else facts
+        run = backend.kernel_for(seen.cast_to(cast) if cast is not None else seen)
     if isinstance(backend, FunctionBackend):
         run = _checked(run, backend.name, site)
     if reshape_4d:
@@ -355,7 +362,7 @@ class Router:
     def _plan_for(self, facts: CallFacts, refused: dict[str, str] | None = None, args: tuple | None = None) -> Plan:
         d = self.decide(facts, refused, args)
         return Plan(
-            _runner(d.backend, d.reshape_4d, self.site, d.cast), self._tally(d.backend.name, d.tried, d.cast), facts
+            _runner(d.backend, d.reshape_4d, self.site, d.cast, facts), self._tally(d.backend.name, d.tried, d.cast), facts
         )
 
     def decide(self, facts: CallFacts, refused: dict[str, str] | None = None, args: tuple | None = None) -> Decision:
@@ -406,7 +413,9 @@ class Router:
         names = self.policy.candidates
         choice = TUNER.lookup(facts, names)
         if choice is None and args is not None:
-            choice = TUNER.choose(facts, args, lambda backend, reshape_4d: _runner(backend, reshape_4d, self.site), names)
+            choice = TUNER.choose(
+                facts, args, lambda backend, reshape_4d: _runner(backend, reshape_4d, self.site, facts=facts), names
+            )
             self.tuning_seconds += choice.seconds
         tried: list[tuple[str, tuple[str, ...]]] = []
         if choice is None:
@@ -471,9 +480,9 @@ class Router:
         if isinstance(query, torch.fx.Proxy):
             return self._trace_fx(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if _is_compiling():
-            facts = facts_of(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            facts = replace(facts_of(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa), in_graph=True)
             name, reshape_4d, cast = _decide_while_tracing(self._token, facts_key(facts))
-            run = _runner(registry._backends[name], reshape_4d, self.site, None if cast is None else DTYPES[cast])
+            run = _runner(registry._backends[name], reshape_4d, self.site, None if cast is None else DTYPES[cast], facts)
             return run(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         # a tensor subclass (FakeTensor under export, DTensor, ...): same decision, not cached
         facts = facts_of(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)

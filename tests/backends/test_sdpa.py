@@ -79,15 +79,18 @@ def test_layout_refusal_at_run_time_becomes_a_counted_fallback():
 
 
 def test_pytorch_no_available_kernel_becomes_a_refusal_with_its_reasons():
-    # a rule attnswap does not model (here a head dim of 1 with a non-unit stride, which the
-    # CPU flash kernel still refuses): PyTorch's own explanation becomes the reason
-    backend = get_backend("sdpa_flash")
-    q = rand(2, 3, 1, 5).transpose(-1, -2)  # head dim 1, stride 5
+    # Where a pin goes through sdpa_kernel (a torch or device without a direct recipe), a rule
+    # attnswap does not model (here a head dim of 1 with a non-unit stride, which PyTorch's CPU
+    # flash selection refuses) comes back as PyTorch's own explanation
+    from attnswap.backends.sdpa import _pinned
     from attnswap.errors import BackendRefused
 
+    q = rand(2, 3, 1, 5).transpose(-1, -2)  # head dim 1, stride 5
     with pytest.raises(BackendRefused, match="PyTorch refused the call: .*stride"):
-        backend(q, q, q)
+        _pinned("FLASH_ATTENTION", q, q, q, None, 0.0, False, None, False)
+    # the direct call runs the kernel itself, which reads such a view right
     router, out = route("sdpa_flash", q, q, q, strict=False)
+    assert [t.backend for t in router.tallies()] == ["sdpa_flash"]
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q))
 
 

@@ -240,6 +240,12 @@ class Backend:
         """
         return self.__call__
 
+    def kernel_for(self, facts: CallFacts) -> AttentionFn:
+        """What the router calls for every call with these facts (a backend it can serve), in
+        :attr:`kernel`'s convention. A backend whose work depends on facts that are fixed per
+        call signature (a mask's kind, the head dim) decides it here once, not at every call."""
+        return self.kernel
+
     def __call__(
         self,
         query: torch.Tensor,
