@@ -6,7 +6,11 @@
    case and a q_len != kv_len case, each with and without an additive bias.
 2. Kernel speed: bf16 forward, CUDA events, median of repeats; TFLOP/s (4·B·H·Lq·Lk·D) and the
    fraction of this GPU's measured bf16 matmul rate.
-3. End to end: timm models in bf16 (inference) patched with each backend, and with ``auto``,
+3. Pinned kernels: each pinned SDPA backend (which calls its kernel's own operator) against
+   SDPA under ``sdpa_kernel`` for the same kernel, bitwise, forward and backward, over masks,
+   causal, GQA, padded head dims and dtypes: the direct recipes were read from PyTorch's source
+   and checked on CPU; this is where the CUDA ones are checked.
+4. End to end: timm models in bf16 (inference) patched with each backend, and with ``auto``,
    against the same model unpatched, in the same process: images/s, speedup, relative error,
    fallbacks.
 
@@ -312,6 +316,69 @@ def xformers_own_verdict(device: torch.device) -> dict:
     return verdict
 
 
+def pinned_vs_sdpa_kernel(device: torch.device, clock: Clock) -> list[dict]:
+    """Each pinned backend's direct call vs SDPA under ``sdpa_kernel``: bitwise, or the difference."""
+    from attnswap.backends.sdpa import _pinned, PinnedSdpaBackend
+
+    def r(*shape, dtype, seed, grad=False):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
+
+    rows = []
+    for name in ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math"):
+        backend = attnswap.get_backend(name)
+        if not isinstance(backend, PinnedSdpaBackend) or not backend.runs_directly(device.type):
+            rows.append(dict(backend=name, case="-", status=f"no direct recipe on {device.type}"))
+            continue
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for case, (lq, lk, hq, hk, e), kw in (
+                ("plain", (197, 197, 12, 12, 64), {}),
+                ("head dim 60 (padded)", (50, 50, 4, 4, 60), {}),
+                ("causal", (128, 128, 4, 4, 64), dict(is_causal=True)),
+                ("scale, q_len != kv_len", (77, 130, 4, 4, 64), dict(scale=0.3)),
+                ("bias (1, H, L, S)", (197, 197, 4, 4, 64), dict(mask="additive")),
+                ("bool mask (L, S)", (64, 96, 4, 4, 64), dict(mask="bool")),
+                ("gqa", (64, 64, 8, 2, 64), dict(enable_gqa=True)),
+            ):
+                if clock.left() <= 0:
+                    rows.append(dict(backend=name, case=case, status="skipped: time budget"))
+                    continue
+                q = r(2, hq, lq, e, dtype=dtype, seed=1, grad=True)
+                k = r(2, hk, lk, e, dtype=dtype, seed=2, grad=True)
+                v = r(2, hk, lk, e, dtype=dtype, seed=3, grad=True)
+                kwargs = dict(kw)
+                mask = kwargs.pop("mask", None)
+                if mask == "additive":
+                    kwargs["attn_mask"] = r(1, hq, lq, lk, dtype=dtype, seed=4)
+                elif mask == "bool":
+                    kwargs["attn_mask"] = r(lq, lk, dtype=torch.float32, seed=4) > -1
+                row = dict(backend=name, case=case, dtype=str(dtype)[6:])
+                try:
+                    g = r(2, hq, lq, e, dtype=dtype, seed=5)
+                    outs, grads = [], []
+                    for direct in (True, False):
+                        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                        if direct:
+                            out = router_for(name, "pinned").route(*leaves, **kwargs)
+                        else:
+                            out = _pinned(backend.kernel_name, *leaves, kwargs.get("attn_mask"), 0.0,
+                                          kwargs.get("is_causal", False), kwargs.get("scale"), kwargs.get("enable_gqa", False))
+                        out.backward(g)
+                        outs.append(out.detach())
+                        grads.append([t.grad for t in leaves])
+                    row["forward_bitwise"] = bool(torch.equal(*outs))
+                    row["forward_max_diff"] = float((outs[0].float() - outs[1].float()).abs().max())
+                    row["backward_bitwise"] = all(torch.equal(a, b) for a, b in zip(*grads))
+                    row["backward_rel_err"] = max(rel(a.float(), b.float()) for a, b in zip(*grads))
+                    row["status"] = "ok"
+                except attnswap.UnsupportedCall as exc:
+                    row["status"] = "refused: " + refusal(exc)
+                except Exception as exc:  # noqa: BLE001 - sdpa_kernel's own refusal, or a failure: both are findings
+                    row["status"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+                rows.append(row)
+    return rows
+
+
 def fmt(x, spec=".2e") -> str:
     return "" if x is None else format(x, spec)
 
@@ -340,6 +407,13 @@ def print_tables(result: dict) -> None:
           fmt(r.get("images_per_s"), ".0f"), fmt(r.get("speedup"), ".2f"), fmt(r.get("rel_err")),
           r.get("fallbacks", "")) for r in result["models"]],
     ))
+    print(render_table(
+        "pinned kernels: direct operator call vs SDPA under sdpa_kernel", ("backend", "case", "dtype", "forward", "backward", "status"),
+        [(r["backend"], r["case"], r.get("dtype", ""),
+          "" if "forward_bitwise" not in r else ("bitwise" if r["forward_bitwise"] else f"DIFF {r['forward_max_diff']:.1e}"),
+          "" if "backward_bitwise" not in r else ("bitwise" if r["backward_bitwise"] else f"rel {r['backward_rel_err']:.1e}"),
+          r["status"]) for r in result.get("pinned", [])],
+    ))
     verdict = result["xformers_own_verdict"]
     print(render_table("xformers' own verdict (without attnswap)", ("what", "result"),
                        [(k, str(v)[:200]) for k, v in verdict.items()]))
@@ -352,6 +426,9 @@ def print_tables(result: dict) -> None:
     print(render_table(
         "summary", ("what", "result"),
         [("numerics outside tolerance", str(len(bad)) + (": " + ", ".join(f"{r['backend']}/{r['case']}/{r['dtype']}" for r in bad[:8]) if bad else "")),
+         ("pinned direct calls not bitwise SDPA", ", ".join(
+             f"{r['backend']}/{r['case']}/{r['dtype']}" for r in result.get("pinned", []) if r.get("forward_bitwise") is False
+         ) or "none"),
          *[(f"fastest on {m}", f"{r['backend']} ({r['speedup']:.2f}x, {r['images_per_s']:.0f} img/s)") for m, r in best.items()],
          ("seconds", f"{result['seconds']:.0f}")],
         caption,
@@ -381,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     # numerics first (the check), speed next, whole models last; each gets part of the budget
     section = Clock(args.budget * 0.25)
     result["numerics"] = check_numerics(backends, all_cases, device, section)
+    result["pinned"] = pinned_vs_sdpa_kernel(device, Clock(min(30.0, clock.left())))
     result["matmul_tflops"] = matmul_tflops(device, args.smoke)
     section = Clock(min(args.budget * 0.25, clock.left()))
     timed = [b for b in backends if b != "eager"] if not args.smoke else backends

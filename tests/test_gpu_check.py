@@ -22,6 +22,11 @@ def test_gpu_check_smoke_writes_every_section(tmp_path, capsys):
         assert all(r["status"].startswith("refused: device cpu") for r in result["numerics"] if r["backend"] == "sdpa_cudnn")
     assert [r["backend"] for r in result["models"]] == ["unpatched", "sdpa", "sdpa_cudnn", "eager", "auto"]
     assert all(r["status"] == "ok" for r in result["models"])
+    pinned = {(r["backend"], r["case"], r.get("dtype")): r for r in result["pinned"]}
+    if result["environment"]["device"] == "cpu":  # the CPU recipes: bitwise SDPA under sdpa_kernel
+        flash = [r for k, r in pinned.items() if k[0] == "sdpa_flash" and r["status"] == "ok"]
+        assert len(flash) >= 15 and all(r["forward_bitwise"] and r["backward_bitwise"] for r in flash), flash
+        assert pinned[("sdpa_cudnn", "-", None)]["status"] == "no direct recipe on cpu"
     verdict = result["xformers_own_verdict"]
     try:
         import xformers.ops  # noqa: F401
@@ -35,3 +40,4 @@ def test_gpu_check_smoke_writes_every_section(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "xformers' own verdict" in printed
     assert printed.index("numerics vs float32 math") < printed.index("summary")
+    assert "direct operator call vs SDPA under sdpa_kernel" in printed
