@@ -98,6 +98,9 @@ def test_hand_written_attention_compiles_fullgraph_and_recompiles_no_more_than_u
     ("vit", "sdpa", "aten.scaled_dot_product_attention.default"),
     ("swin", "sdpa", "aten.scaled_dot_product_attention.default"),
     ("beit", "eager", "aten.softmax.int"),
+    # a pinned kernel exports as its own operator: the pin survives export (it did not with sdpa_kernel)
+    ("vit", "sdpa_flash", "aten._scaled_dot_product_flash_attention_for_cpu.default"),
+    ("swin", "sdpa_math", "aten._scaled_dot_product_attention_math.default"),
 ])
 def test_export_records_the_chosen_backend(family, backend, op):
     model, x = build(family)
@@ -109,6 +112,8 @@ def test_export_records_the_chosen_backend(family, backend, op):
     assert op in ops
     if backend == "eager":
         assert not any("scaled_dot_product" in o for o in ops), "the eager backend must not export SDPA"
+    if backend.startswith("sdpa_"):
+        assert "aten.scaled_dot_product_attention.default" not in ops, "a pinned kernel must not export as plain SDPA"
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), ref, atol=2e-5, rtol=1e-4)
     assert attnswap.stats(model)[0].traced == {backend: 1}
