@@ -121,3 +121,48 @@ def test_flex_on_cpu_refused_before_torch_2_6_with_the_version():
     reasons = get_backend("flex").reasons(facts_of(q, q, q))[0]
     version_reasons = [r for r in reasons if "needs torch >= 2.6" in r]
     assert bool(version_reasons) is not FLEX_ON_CPU, reasons
+
+
+def _peak_allocated_bytes(fn) -> int:
+    """Largest amount of memory live at once during ``fn()``, above what was live before (CPU
+    allocations as the profiler records them)."""
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in prof.profiler.kineto_results.events():
+        if event.name() == "[memory]":
+            live += event.nbytes()
+            peak = max(peak, live)
+    return peak
+
+
+@needs_flex_on_cpu
+@pytest.mark.parametrize("biased", [False, True], ids=["plain", "bias"])
+def test_flex_scratch_is_not_sequence_squared(biased):
+    """Issue 13: without a BlockMask inductor's CPU kernel sizes its scratch to the whole
+    sequence (2 x threads x N^2 floats: 64 MB here at N=2048 on 2 threads); with the full
+    128-block mask every call now gets, a flex call's peak is close to SDPA's."""
+    n = 2048
+    q, k, v = f32(1, 1, n, 64, seed=1), f32(1, 1, n, 64, seed=2), f32(1, 1, n, 64, seed=3)
+    bias = f32(1, 1, 1, n, seed=4) if biased else None  # broadcast: the bias itself is small
+    router = Router(Policy("flex", (), True))
+    with torch.no_grad():
+        out = router(q, k, v, attn_mask=bias)  # compiles
+        torch.testing.assert_close(out, eager_attention(q, k, v, attn_mask=bias), atol=2e-5, rtol=2e-5)
+        flex_peak = _peak_allocated_bytes(lambda: router(q, k, v, attn_mask=bias))
+        sdpa_peak = _peak_allocated_bytes(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+    n_squared = n * n * 4
+    assert flex_peak < 2 * sdpa_peak + n_squared // 8, (flex_peak, sdpa_peak)
+
+
+def test_full_block_mask_covers_every_block_of_uneven_lengths():
+    from attnswap.backends.flex import BLOCK, full_block_mask
+
+    mask = full_block_mask(300, 129, torch.device("cpu"))
+    if mask is None:
+        pytest.skip("this torch's BlockMask.from_kv_blocks takes no seq_lengths")
+    assert mask.BLOCK_SIZE == (BLOCK, BLOCK) and mask.seq_lengths == (300, 129)
+    dense = mask.to_dense()
+    assert dense.shape[-2:] == (3, 2) and bool(dense.all())

@@ -1,7 +1,8 @@
 """``flex``: ``torch.nn.attention.flex_attention``, compiled.
 
 An additive mask becomes a ``score_mod`` that adds the captured bias tensor; a boolean
-mask and ``is_causal`` become a ``BlockMask`` (so fully masked blocks are skipped). Flex is
+mask and ``is_causal`` become a ``BlockMask`` (so fully masked blocks are skipped), and every
+other call gets a full ``BlockMask`` of 128-token blocks (see :func:`full_block_mask`). Flex is
 only fast compiled, so each distinct call signature gets its own compiled function, kept
 in a bounded cache: repeated calls never recompile, and no signature can push another
 past dynamo's recompile limit. Under an outer ``torch.compile`` the uncompiled functions
@@ -43,9 +44,47 @@ def _flex():
     return flex_attention, create_block_mask
 
 
+#: query and key rows per BlockMask block (flex's default)
+BLOCK = 128
+
+
+def full_block_mask(q_len: int, kv_len: int, device: torch.device):
+    """A ``BlockMask`` of ``BLOCK``-sized blocks that are all full (nothing masked).
+
+    Without a block mask flex treats the whole sequence as one block; inductor's CPU kernel
+    then sizes its scratch to it: two ``threads × q_len × kv_len`` float buffers per call (265 MB
+    at 4096 tokens with 2 threads, measured; N² per thread). With blocks of 128 the scratch is a
+    few MB and the kernel is faster (BENCHMARKS.md). Built from block counts, so no mask is
+    evaluated and nothing N×N is made; under compile it is a few tiny tensors in the graph.
+    None where this torch's ``BlockMask`` cannot be built that way (flex then uses its default)."""
+    if not _from_kv_blocks_takes_lengths():
+        return None
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nq, nk = -(-q_len // BLOCK), -(-kv_len // BLOCK)
+    return BlockMask.from_kv_blocks(
+        torch.zeros(1, 1, nq, dtype=torch.int32, device=device),
+        torch.zeros(1, 1, nq, nk, dtype=torch.int32, device=device),
+        torch.full((1, 1, nq), nk, dtype=torch.int32, device=device),
+        torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous(),
+        BLOCK_SIZE=BLOCK,
+        seq_lengths=(q_len, kv_len),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _from_kv_blocks_takes_lengths() -> bool:
+    import inspect
+
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters
+
+
 def _plain(query, key, value, scale, enable_gqa):
     flex_attention, _ = _flex()
-    return flex_attention(query, key, value, scale=scale, enable_gqa=enable_gqa)
+    block_mask = full_block_mask(query.size(-2), key.size(-2), query.device)
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
 def _with_bias(query, key, value, bias, scale, enable_gqa):
@@ -54,7 +93,8 @@ def _with_bias(query, key, value, bias, scale, enable_gqa):
     def add_bias(score, b, h, q_idx, kv_idx):
         return score + bias[b, h, q_idx, kv_idx]
 
-    return flex_attention(query, key, value, score_mod=add_bias, scale=scale, enable_gqa=enable_gqa)
+    block_mask = full_block_mask(query.size(-2), key.size(-2), query.device)
+    return flex_attention(query, key, value, score_mod=add_bias, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
 def _with_bool_mask(query, key, value, mask, scale, enable_gqa):
