@@ -185,7 +185,10 @@ def patch(
             install(c.module, c.rewrite, router)
             flags = tuple(router.saved_flags)
             sites.append(
-                SiteReport(c.path, class_label(c.cls), PATCHED, c.rewrite.calls, flags, how=c.rewrite.how, products=c.rewrite.products)
+                SiteReport(
+                    c.path, class_label(c.cls), PATCHED, c.rewrite.calls, flags, how=c.rewrite.how,
+                    products=c.rewrite.products, structures=c.rewrite.structures,
+                )
             )
     order = {c.path: i for i, c in enumerate(found)}
     sites.sort(key=lambda s: order.get(s.path, 0))
@@ -267,9 +270,13 @@ def stats(model: torch.nn.Module, *, reset: bool = False) -> ModelStats:
         calls: dict[str, int] = {}
         traced: dict[str, int] = {}
         fallbacks = []
+        structures: dict[tuple[str, str, str], int] = {}
         for t in router.tallies():
             if t.calls:
                 calls[t.label] = calls.get(t.label, 0) + t.calls
+                if t.structure is not None:
+                    key = (t.structure[0], t.label, t.structure[1])
+                    structures[key] = structures.get(key, 0) + t.calls
             if t.traced:
                 traced[t.label] = traced.get(t.label, 0) + t.traced
             if t.is_fallback and (t.calls or t.traced):
@@ -277,7 +284,7 @@ def stats(model: torch.nn.Module, *, reset: bool = False) -> ModelStats:
         out.append(
             SiteStats(
                 path, router.site_class, router.policy.backend, calls, tuple(fallbacks), traced, dict(router.unrouted),
-                router.tuning_seconds,
+                router.tuning_seconds, structures,
             )
         )
         if reset:

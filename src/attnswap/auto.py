@@ -224,7 +224,12 @@ class Tuner:
             return forward
         # training: forward and backward, on copies (the caller's tensors keep no .grad)
         q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in (query, key, value))
-        m = attn_mask.detach().requires_grad_(attn_mask.requires_grad) if attn_mask is not None else None
+        if attn_mask is None:
+            m = None
+        elif getattr(type(attn_mask), "attnswap_structure", False):
+            m = attn_mask.detached()  # its parts, so no gradient reaches the module's parameters
+        else:
+            m = attn_mask.detach().requires_grad_(attn_mask.requires_grad)
 
         def train_step():
             with torch.enable_grad():

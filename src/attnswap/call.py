@@ -39,6 +39,8 @@ class CallFacts:
     needs_grad: bool = False
     #: the call is being traced into a torch.compile graph (decided once, at trace time)
     in_graph: bool = False
+    #: the additive mask is carried as its parts (``attnswap.structure``): its kind and constants
+    structure: tuple | None = None
 
     @property
     def ndim(self) -> int:
@@ -81,6 +83,10 @@ class CallFacts:
     @property
     def has_mask(self) -> bool:
         return self.mask_kind != MASK_NONE
+
+    @property
+    def structure_kind(self) -> str | None:
+        return None if self.structure is None else self.structure[0]
 
     def as_4d(self) -> CallFacts:
         """The facts of the same call after :func:`to_4d` reshaped it."""
@@ -127,7 +133,8 @@ class CallFacts:
         if self.has_mask:
             mdt = str(self.mask_dtype).replace("torch.", "")
             grad = ", requires_grad" if self.mask_requires_grad else ""
-            parts.append(f"{self.mask_kind} attn_mask{t(self.mask_shape or ())} {mdt}{grad}")
+            kind = self.mask_kind if self.structure is None else f"{self.structure[0]} (structured)"
+            parts.append(f"{kind} attn_mask{t(self.mask_shape or ())} {mdt}{grad}")
         if self.is_causal:
             parts.append("is_causal")
         if self.dropout_p:
@@ -161,11 +168,14 @@ def facts_of(
     enable_gqa: bool = False,
 ) -> CallFacts:
     """Collect the facts of one call (tensors are read, never copied)."""
+    structure = None
     if attn_mask is None:
         kind, mshape, mdtype, mgrad = MASK_NONE, None, None, False
     else:
         kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_ADDITIVE
         mshape, mdtype, mgrad = tuple(attn_mask.shape), attn_mask.dtype, attn_mask.requires_grad
+        if getattr(type(attn_mask), "attnswap_structure", False):  # an attnswap.structure.StructuredMask
+            structure = attn_mask.layout()
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad or mgrad)
     device = query.device
     return CallFacts(
@@ -185,6 +195,7 @@ def facts_of(
         scale=None if scale is None else float(scale),
         enable_gqa=bool(enable_gqa),
         needs_grad=bool(grad),
+        structure=structure,
     )
 
 
@@ -229,16 +240,10 @@ def to_4d(
     q4, k4, v4 = four(query), four(key), four(value)
     m4 = None
     if attn_mask is not None:
-        m = attn_mask
-        if m.dim() < ndim:
-            m = m.reshape((1,) * (ndim - m.dim()) + tuple(m.shape))
-        if m.dim() > 4:
-            lead = m.shape[:-3]
-            if all(s == 1 for s in lead):
-                m = m.reshape((1,) + tuple(m.shape[-3:]))
-            else:
-                m = m.expand(*query.shape[:-3], *m.shape[-3:]).flatten(0, m.dim() - 4)
-        m4 = four(m)
+        if getattr(type(attn_mask), "attnswap_structure", False):  # a structured mask reshapes its parts
+            m4 = attn_mask.as_4d(query.shape)
+        else:
+            m4 = mask_to_4d(attn_mask, query.shape)
 
     if ndim == 4:
         return q4, k4, v4, m4, _identity
@@ -249,6 +254,24 @@ def to_4d(
         def restore(out: torch.Tensor, _lead: tuple[int, ...] = tuple(out_lead)) -> torch.Tensor:
             return out.reshape(*_lead, *out.shape[1:])
     return q4, k4, v4, m4, restore
+
+
+def mask_to_4d(mask: torch.Tensor, q_shape: tuple[int, ...]) -> torch.Tensor:
+    """``mask`` (or any tensor with a mask's leading dims and two trailing dims) as :func:`to_4d`
+    reshapes the mask of a call whose query has shape ``q_shape``."""
+    ndim = len(q_shape)
+    m = mask
+    if m.dim() < ndim:
+        m = m.reshape((1,) * (ndim - m.dim()) + tuple(m.shape))
+    if m.dim() > 4:
+        lead = m.shape[:-3]
+        if all(s == 1 for s in lead):
+            m = m.reshape((1,) + tuple(m.shape[-3:]))
+        else:
+            m = m.expand(*q_shape[:-3], *m.shape[-3:]).flatten(0, m.dim() - 4)
+    if m.dim() < 4:
+        m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+    return m
 
 
 def _identity(out: torch.Tensor) -> torch.Tensor:
@@ -268,15 +291,16 @@ def facts_key(f: CallFacts) -> tuple:
     return (
         f.device_type, f.device_index, DTYPE_NAMES[f.dtype], f.q_shape, f.k_shape, f.v_shape, f.kv_dtypes_match,
         f.mask_kind, f.mask_shape, None if f.mask_dtype is None else DTYPE_NAMES[f.mask_dtype], f.mask_requires_grad,
-        f.is_causal, f.dropout_p, f.scale, f.enable_gqa, f.needs_grad, True,
+        f.is_causal, f.dropout_p, f.scale, f.enable_gqa, f.needs_grad, f.structure, True,
     )
 
 
 def facts_from_key(key: tuple) -> CallFacts:
-    (dev, idx, dtype, qs, ks, vs, kvm, mk, ms, mdt, mrg, causal, p, scale, gqa, grad, in_graph) = key
+    (dev, idx, dtype, qs, ks, vs, kvm, mk, ms, mdt, mrg, causal, p, scale, gqa, grad, structure, in_graph) = key
     return CallFacts(
         device_type=dev, device_index=idx, dtype=DTYPES[dtype], q_shape=tuple(qs), k_shape=tuple(ks),
         v_shape=tuple(vs), kv_dtypes_match=kvm, mask_kind=mk, mask_shape=None if ms is None else tuple(ms),
         mask_dtype=None if mdt is None else DTYPES[mdt], mask_requires_grad=mrg, is_causal=causal,
         dropout_p=p, scale=scale, enable_gqa=gqa, needs_grad=grad, in_graph=in_graph,
+        structure=None if structure is None else tuple(structure),
     )

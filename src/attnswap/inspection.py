@@ -83,7 +83,8 @@ def passes(facts: CallFacts) -> list[str]:
     out = []
     if facts.mask_kind != MASK_NONE:
         grad = ", requires grad" if facts.mask_requires_grad else ""
-        out.append(f"{facts.mask_kind} mask {tuple(facts.mask_shape or ())}{grad}")
+        kind = facts.mask_kind if facts.structure is None else f"{facts.structure[0]} bias (as structure)"
+        out.append(f"{kind} {tuple(facts.mask_shape or ())}{grad}" if facts.structure else f"{kind} mask {tuple(facts.mask_shape or ())}{grad}")
     if facts.is_causal:
         out.append("causal")
     if facts.q_len != facts.kv_len:
@@ -128,15 +129,19 @@ def inspect(model: torch.nn.Module, x: torch.Tensor, backend: str = "sdpa", name
         by_path = {path: router_of(m) for path, m in model.named_modules() if router_of(m) is not None}
         sites = []
         for s in report.sites:
-            row = SiteRow(s.path, s.cls, s.status, s.how if s.status == PATCHED else s.status, s.reason)
+            how = s.how + "".join(f"; {k} bias as structure" for k in s.structures) if s.status == PATCHED else s.status
+            row = SiteRow(s.path, s.cls, s.status, how, s.reason)
             router = by_path.get(s.path)
             if router is not None:
                 for plan in router.plans():
                     f = plan.facts
                     if f is None:
                         continue
+                    served = plan.tally.label
+                    if plan.tally.structure is not None:
+                        served += f" (bias {plan.tally.structure[1]})"
                     row.calls.append(CallRow(
-                        _shapes(f), str(f.dtype).replace("torch.", ""), passes(f), plan.tally.label,
+                        _shapes(f), str(f.dtype).replace("torch.", ""), passes(f), served,
                         {b: list(r) for b, r in plan.tally.tried},
                     ))
             sites.append(row)

@@ -42,11 +42,15 @@ def load_model(spec: str, **timm_kwargs) -> torch.nn.Module:
 #: LeViT/EfficientViT projections, 1e-5 or 1e-6 for CaiT/DeiT-III/EVA layer scales), the branch
 #: barely reaches the output and any error in it is hidden from an output comparison
 _GATE = re.compile(r"(^|\.)(weight|gamma(_\d)?|scale|layer_scale\w*)$")
+#: relative-position tables timm initializes to zeros (SAM ViT, MViTv2): a zero bias would hide
+#: any error in how it is carried (attnswap.structure)
+_ZERO_TABLE = re.compile(r"(^|\.)rel_pos\w*$")
 
 
 def ungate(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every constant-initialized multiplicative parameter random values around 1, so each
-    attention branch of a randomly initialized model really shows in its output (in place).
+    """Give every constant-initialized multiplicative parameter random values around 1, and every
+    all-zero relative-position table small random values, so each attention branch and bias of a
+    randomly initialized model really shows in its output (in place).
 
     Only for models with random weights (never applied to loaded weights): it makes output
     comparisons sensitive to each attention site, it changes no computation."""
@@ -57,6 +61,9 @@ def ungate(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 flat = p.detach().flatten()
                 if bool((flat == flat[0]).all()):
                     p.copy_((1 + 0.1 * torch.randn(p.shape, generator=g)).to(p.dtype))
+            elif p.is_floating_point() and p.numel() and p.device.type != "meta" and _ZERO_TABLE.search(name):
+                if not bool(p.detach().any()):
+                    p.copy_((0.2 * torch.randn(p.shape, generator=g)).to(p.dtype))
     return model
 
 

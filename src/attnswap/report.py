@@ -30,6 +30,8 @@ class SiteReport:
     how: str = ""
     #: hand-written ``q @ kᵀ`` products deferred to the router
     products: int = 0
+    #: kinds of bias the site's calls carry as structure (``attnswap.structure``)
+    structures: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -61,7 +63,11 @@ class PatchReport:
 
     def _rows(self) -> list[tuple]:
         return [
-            (s.name, s.cls.rsplit(".", 1)[-1], s.status, s.how, ", ".join(f"{f}=True" for f in s.flags), s.reason)
+            (
+                s.name, s.cls.rsplit(".", 1)[-1], s.status,
+                s.how + "".join(f"; {k} bias as structure" for k in s.structures),
+                ", ".join(f"{f}=True" for f in s.flags), s.reason,
+            )
             for s in self.sites
         ]
 
@@ -94,7 +100,7 @@ class PatchReport:
             "fallback": list(self.fallback),
             "strict": self.strict,
             "backend_unavailable": self.backend_unavailable,
-            "sites": [dict(s.__dict__, flags=list(s.flags)) for s in self.sites],
+            "sites": [dict(s.__dict__, flags=list(s.flags), structures=list(s.structures)) for s in self.sites],
         }
 
 
@@ -121,6 +127,8 @@ class SiteStats:
     unrouted: dict[str, int] = field(default_factory=dict)
     #: seconds ``auto`` spent tuning the signatures this site met first
     tuning_seconds: float = 0.0
+    #: calls whose bias was carried as structure: (kind, backend, form it reached the kernel in) -> calls
+    structures: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
     @property
     def total_calls(self) -> int:
@@ -154,6 +162,14 @@ class ModelStats(list):
         """Seconds ``auto`` spent choosing backends (counted once, at the site that met a signature first)."""
         return sum(s.tuning_seconds for s in self)
 
+    def structures(self) -> dict[tuple[str, str, str], int]:
+        """Calls whose bias was carried as structure, over all sites: (kind, backend, form) -> calls."""
+        out: dict[tuple[str, str, str], int] = {}
+        for site in self:
+            for key, n in site.structures.items():
+                out[key] = out.get(key, 0) + n
+        return out
+
     @property
     def unrouted_calls(self) -> int:
         """Hand-written attentions that the module's own code computed (not routed)."""
@@ -172,6 +188,8 @@ class ModelStats(list):
             )
             if s.unrouted:
                 why = "; ".join(filter(None, [why, *(f"{n} computed by the module itself: {r}" for r, n in s.unrouted.items())]))
+            if s.structures:
+                calls += " | bias: " + ", ".join(f"{kind} {form} ({n})" for (kind, _, form), n in s.structures.items())
             rows.append((s.path or "<root>", s.cls.rsplit(".", 1)[-1], s.backend, calls, why))
         return rows
 

@@ -31,6 +31,7 @@ from .backends import registry
 from .backends.base import Backend, FunctionBackend, dtype_name
 from .call import DTYPE_NAMES, DTYPES, CallFacts, broadcast, facts_from_key, facts_key, facts_of, to_4d
 from .errors import AttnSwapError, BackendRefused, UnsupportedCall
+from .structure.base import StructuredMask
 
 logger = logging.getLogger("attnswap")
 
@@ -73,6 +74,8 @@ class Tally:
     traced: int = 0
     #: the dtype q/k/v were cast to for this backend (``patch(cast=...)``), or None
     cast: torch.dtype | None = None
+    #: for a structured bias (``attnswap.structure``): its kind and the form the backend got it in
+    structure: tuple[str, str] | None = None
 
     @property
     def is_fallback(self) -> bool:
@@ -95,6 +98,59 @@ class Decision:
     tried: tuple[tuple[str, tuple[str, ...]], ...]
     #: q/k/v are cast to this dtype for the backend (``patch(cast=...)``), or None
     cast: torch.dtype | None = None
+    #: the backend computes the call's structured bias from its parts (else it gets the tensor)
+    structured: bool = False
+
+
+#: a structured bias bigger than this is handed to backends that take tensors a slice of query
+#: rows at a time (each slice's bias is made, used and freed in turn)
+MATERIALIZE_BUDGET = 32 * 2**20
+#: the fewest query rows a slice has (kernels tile queries; tiny slices waste their tiles)
+MIN_ROWS = 128
+
+FORM_PARTS = "from its parts"
+FORM_WHOLE = "materialized"
+FORM_ROWS = "materialized by query rows"
+
+
+def row_slice(facts: CallFacts) -> int | None:
+    """How many query rows a backend that takes tensors gets at once for this call's structured
+    bias, or None to materialize it whole (small enough, or rows it cannot be sliced by)."""
+    shape = facts.mask_shape
+    if facts.structure is None or shape is None or len(shape) < 2 or shape[-2] != facts.q_len or facts.dropout_p:
+        return None  # (dropout: rows drawn in slices would use the random stream differently)
+    row_bytes = facts.mask_dtype.itemsize * shape[-1]
+    for s in shape[:-2]:
+        row_bytes *= s
+    if row_bytes * facts.q_len <= MATERIALIZE_BUDGET:
+        return None
+    rows = max(MIN_ROWS, MATERIALIZE_BUDGET // row_bytes // MIN_ROWS * MIN_ROWS)
+    return rows if rows < facts.q_len else None
+
+
+def _materializing(inner: Callable[..., torch.Tensor], rows: int | None) -> Callable[..., torch.Tensor]:
+    """Run ``inner`` (a backend that takes tensors) on the tensor a structured bias stands for:
+    whole, or ``rows`` query rows at a time (each output row depends only on its own query row
+    and bias row, so the slices' outputs, stacked, are the call's output)."""
+    if rows is None:
+        def run(q, k, v, m=None, d=0.0, c=False, scale=None, enable_gqa=False):
+            if type(m) is not _Tensor and m is not None:
+                m = m.materialize()
+            return inner(q, k, v, m, d, c, scale=scale, enable_gqa=enable_gqa)
+
+        return run
+
+    def run_rows(q, k, v, m=None, d=0.0, c=False, scale=None, enable_gqa=False):
+        if type(m) is _Tensor or m is None:
+            return inner(q, k, v, m, d, c, scale=scale, enable_gqa=enable_gqa)
+        n = q.shape[-2]
+        outs = [
+            inner(q[..., i : i + rows, :], k, v, m.rows(i, min(i + rows, n)), d, c, scale=scale, enable_gqa=enable_gqa)
+            for i in range(0, n, rows)
+        ]
+        return torch.cat(outs, dim=-2)
+
+    return run_rows
 
 
 class Plan:
@@ -110,11 +166,17 @@ class Plan:
 
 
 def _runner(
-    backend: Backend, reshape_4d: bool, site: str, cast: torch.dtype | None = None, facts: CallFacts | None = None
+    backend: Backend,
+    reshape_4d: bool,
+    site: str,
+    cast: torch.dtype | None = None,
+    facts: CallFacts | None = None,
+    structured: bool = False,
 ) -> Callable[..., torch.Tensor]:
     """What a plan calls, as ``run(q, k, v, attn_mask, dropout_p, is_causal, scale=, enable_gqa=)``
     (SDPA's own calling convention, so for ``sdpa`` it is the builtin itself). With the call's
-    ``facts`` the backend's :meth:`~Backend.kernel_for` them (as the kernel will see them)."""
+    ``facts`` the backend's :meth:`~Backend.kernel_for` them (as the kernel will see them). A
+    structured bias goes to the backend as it is when ``structured``, else as its tensor."""
     if facts is None:
         run: Callable[..., torch.Tensor] = backend.kernel
     else:
@@ -130,8 +192,18 @@ def _runner(
             return restore(inner(q4, k4, v4, m4, d, c, scale=scale, enable_gqa=enable_gqa))
 
     if cast is not None:
-        return _cast_runner(run, cast)
+        run = _cast_runner(run, cast)
+    if facts is not None and facts.structure is not None and not structured:
+        run = _materializing(run, row_slice(facts))
     return run
+
+
+def structure_form(facts: CallFacts, structured: bool) -> tuple[str, str] | None:
+    """A structured call's kind and the form a backend gets it in (for the tallies), else None."""
+    if facts.structure is None:
+        return None
+    form = FORM_PARTS if structured else (FORM_WHOLE if row_slice(facts) is None else FORM_ROWS)
+    return (facts.structure[0], form)
 
 
 def _cast_runner(inner: Callable[..., torch.Tensor], dtype: torch.dtype) -> Callable[..., torch.Tensor]:
@@ -140,7 +212,7 @@ def _cast_runner(inner: Callable[..., torch.Tensor], dtype: torch.dtype) -> Call
     1/sqrt(head_dim), which the cast does not change."""
 
     def run(q, k, v, m=None, d=0.0, c=False, scale=None, enable_gqa=False):
-        if m is not None and m.dtype != torch.bool:
+        if type(m) is _Tensor and m.dtype != torch.bool:  # (a structured bias: the backend casts its parts)
             m = m.to(dtype)
         out = inner(q.to(dtype), k.to(dtype), v.to(dtype), m, d, c, scale=scale, enable_gqa=enable_gqa)
         return out.to(q.dtype)
@@ -185,9 +257,12 @@ def _signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
             query.shape, key.shape, value.shape, query.dtype, query.device, None, dropout_p, is_causal, scale,
             enable_gqa, _grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad),
         )
+    if isinstance(attn_mask, StructuredMask):
+        mask = attn_mask.signature()
+    else:
+        mask = (attn_mask.shape, attn_mask.dtype, attn_mask.requires_grad)
     return (
-        query.shape, key.shape, value.shape, query.dtype, query.device,
-        (attn_mask.shape, attn_mask.dtype, attn_mask.requires_grad), dropout_p, is_causal, scale, enable_gqa,
+        query.shape, key.shape, value.shape, query.dtype, query.device, mask, dropout_p, is_causal, scale, enable_gqa,
         _grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad or attn_mask.requires_grad),
     )
 
@@ -260,7 +335,7 @@ class Router:
         self.site_class = state["site_class"]
         self.saved_flags = state["saved_flags"]
         self.hook_ids = list(state.get("hook_ids", []))
-        self._tallies = {(t.backend, t.tried, t.cast): t for t in state["tallies"]}
+        self._tallies = {(t.backend, t.tried, t.cast, t.structure): t for t in state["tallies"]}
         self.unrouted = dict(state.get("unrouted", {}))
         self.tuning_seconds = state.get("tuning_seconds", 0.0)
         self._lock = threading.Lock()
@@ -270,11 +345,13 @@ class Router:
     def __repr__(self) -> str:
         return f"<attnswap router {self.site or '<root>'} -> {self.policy.backend}>"
 
-    def _tally(self, backend: str, tried: tuple, cast: torch.dtype | None = None) -> Tally:
-        key = (backend, tried, cast)
+    def _tally(
+        self, backend: str, tried: tuple, cast: torch.dtype | None = None, structure: tuple[str, str] | None = None
+    ) -> Tally:
+        key = (backend, tried, cast, structure)
         tally = self._tallies.get(key)
         if tally is None:
-            tally = self._tallies[key] = Tally(backend, tried, cast=cast)
+            tally = self._tallies[key] = Tally(backend, tried, cast=cast, structure=structure)
         return tally
 
     def tallies(self) -> list[Tally]:
@@ -317,7 +394,7 @@ class Router:
         if type(query) is not _Tensor or _is_compiling():
             return self._unusual(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         plan = self._fixed
-        if plan is None:
+        if plan is None or (attn_mask is not None and type(attn_mask) is not _Tensor):
             # _signature(), inlined for the common no-mask call: a Python frame costs ~0.1 us here
             if attn_mask is None:
                 sig = (
@@ -362,7 +439,9 @@ class Router:
     def _plan_for(self, facts: CallFacts, refused: dict[str, str] | None = None, args: tuple | None = None) -> Plan:
         d = self.decide(facts, refused, args)
         return Plan(
-            _runner(d.backend, d.reshape_4d, self.site, d.cast, facts), self._tally(d.backend.name, d.tried, d.cast), facts
+            _runner(d.backend, d.reshape_4d, self.site, d.cast, facts, d.structured),
+            self._tally(d.backend.name, d.tried, d.cast, structure_form(facts, d.structured)),
+            facts,
         )
 
     def decide(self, facts: CallFacts, refused: dict[str, str] | None = None, args: tuple | None = None) -> Decision:
@@ -401,7 +480,7 @@ class Router:
                 continue
             if tried:
                 self._warn_fallback(name, tried)
-            return Decision(backend, reshape_4d, tuple(tried), cast)
+            return Decision(backend, reshape_4d, tuple(tried), cast, _takes_structure(backend, facts))
         hint = (
             "pass strict=False to let the site fall back"
             if self.policy.strict
@@ -414,7 +493,12 @@ class Router:
         choice = TUNER.lookup(facts, names)
         if choice is None and args is not None:
             choice = TUNER.choose(
-                facts, args, lambda backend, reshape_4d: _runner(backend, reshape_4d, self.site, facts=facts), names
+                facts,
+                args,
+                lambda backend, reshape_4d: _runner(
+                    backend, reshape_4d, self.site, facts=facts, structured=_takes_structure(backend, facts)
+                ),
+                names,
             )
             self.tuning_seconds += choice.seconds
         tried: list[tuple[str, tuple[str, ...]]] = []
@@ -435,7 +519,7 @@ class Router:
             if reasons:  # a decision made eagerly, met again inside a compiled graph
                 tried.append((name, tuple(reasons)))
                 continue
-            return Decision(backend, reshape_4d, tuple(tried))
+            return Decision(backend, reshape_4d, tuple(tried), structured=_takes_structure(backend, facts))
         raise UnsupportedCall(self.site, facts, {n: list(r) for n, r in tried}, hint="auto found no backend")
 
     def _reasons(self, backend: Backend, facts: CallFacts) -> tuple[list[str], bool]:
@@ -512,6 +596,12 @@ class Router:
             (router_node, query, key, value),
             {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale, "enable_gqa": enable_gqa},
         )
+
+
+def _takes_structure(backend: Backend, facts: CallFacts) -> bool:
+    """Whether ``backend`` computes this call's structured bias from its parts."""
+    kind = facts.structure_kind
+    return kind is not None and kind in backend.structures and not backend.structure_reasons(facts)
 
 
 class _Unrouted:

@@ -160,6 +160,7 @@ def test_flex_scratch_is_not_sequence_squared(biased):
 def test_full_block_mask_covers_every_block_of_uneven_lengths():
     from attnswap.backends.flex import BLOCK, full_block_mask
 
+    get_backend("flex").unavailable_reason  # probes this torch
     mask = full_block_mask(300, 129, torch.device("cpu"))
     if mask is None:
         pytest.skip("this torch's BlockMask.from_kv_blocks takes no seq_lengths")

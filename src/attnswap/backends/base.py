@@ -195,6 +195,9 @@ class Backend:
     exact: bool = True
     #: True when every call is accepted on every device (the router then skips the per-call checks).
     accepts_everything: bool = False
+    #: kinds of structured bias (``attnswap.structure``) this backend computes from their parts;
+    #: it gets every other bias as the tensor it stands for
+    structures: frozenset[str] = frozenset()
 
     def limits(self, device_type: str) -> Limits | None:
         """The limits on ``device_type``; ``None`` means no limits."""
@@ -230,6 +233,11 @@ class Backend:
             out.extend(limit_reasons(limits, facts, cap))
         out.extend(self.extra_reasons(facts))
         return out, to_4d
+
+    def structure_reasons(self, facts: CallFacts) -> list[str]:
+        """Why this backend cannot take this call's structured bias as parts (one of
+        :attr:`structures`); the call then reaches it with the tensor."""
+        return []
 
     @property
     def kernel(self) -> AttentionFn:

@@ -31,6 +31,7 @@ from packaging.version import Version
 
 from ..call import CallFacts
 from ..errors import BackendRefused
+from ..structure.decomposed import KIND as DECOMPOSED, DecomposedRelPos
 from .base import Backend, Limits
 
 _LOW = frozenset({torch.float32, torch.float16, torch.bfloat16})
@@ -57,7 +58,7 @@ def full_block_mask(q_len: int, kv_len: int, device: torch.device):
     few MB and the kernel is faster (BENCHMARKS.md). Built from block counts, so no mask is
     evaluated and nothing N×N is made; under compile it is a few tiny tensors in the graph.
     None where this torch's ``BlockMask`` cannot be built that way (flex then uses its default)."""
-    if not _from_kv_blocks_takes_lengths():
+    if not _BLOCKS_TAKE_LENGTHS:
         return None
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -72,13 +73,16 @@ def full_block_mask(q_len: int, kv_len: int, device: torch.device):
     )
 
 
-@functools.lru_cache(maxsize=None)
 def _from_kv_blocks_takes_lengths() -> bool:
     import inspect
 
     from torch.nn.attention.flex_attention import BlockMask
 
     return "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters
+
+
+#: set when the backend is first probed (a plain global, so traced code reads a constant)
+_BLOCKS_TAKE_LENGTHS = False
 
 
 def _plain(query, key, value, scale, enable_gqa):
@@ -95,6 +99,21 @@ def _with_bias(query, key, value, bias, scale, enable_gqa):
 
     block_mask = full_block_mask(query.size(-2), key.size(-2), query.device)
     return flex_attention(query, key, value, score_mod=add_bias, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def _with_decomposed(query, key, value, rel_h, rel_w, scale, enable_gqa):
+    """A decomposed relative-position bias read from its factors: key ``j`` is grid cell
+    ``(j // kw, j % kw)``; the bias element is the factors' sum, as the module computes it."""
+    flex_attention, _ = _flex()
+    kw = rel_w.size(-1)
+
+    def add_rel_pos(score, b, h, q_idx, kv_idx):
+        return score + (rel_h[b, h, q_idx, kv_idx // kw] + rel_w[b, h, q_idx, kv_idx % kw])
+
+    block_mask = full_block_mask(query.size(-2), key.size(-2), query.device)
+    return flex_attention(
+        query, key, value, score_mod=add_rel_pos, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa
+    )
 
 
 def _with_bool_mask(query, key, value, mask, scale, enable_gqa):
@@ -161,6 +180,7 @@ class FlexBackend(Backend):
         backward=False,
     )
     _cuda = Limits(dtypes=_LOW, ndims=frozenset({4}), kv_batch_broadcast=False, dropout=False)
+    structures = frozenset({DECOMPOSED})
 
     def __init__(self) -> None:
         self._compiled: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
@@ -174,6 +194,8 @@ class FlexBackend(Backend):
             _flex()
         except ImportError as exc:
             return f"torch.nn.attention.flex_attention cannot be imported: {exc}"
+        global _BLOCKS_TAKE_LENGTHS
+        _BLOCKS_TAKE_LENGTHS = _from_kv_blocks_takes_lengths()
         return None
 
     def limits(self, device_type: str) -> Limits | None:
@@ -222,6 +244,12 @@ class FlexBackend(Backend):
             variant, extra = _causal, ()
         elif attn_mask is None:
             variant, extra = _plain, ()
+        elif isinstance(attn_mask, DecomposedRelPos):
+            b, h, lq = query.size(0), query.size(1), query.size(2)
+            rel_h, rel_w = (
+                f.to(query.dtype).expand(b, h, lq, f.size(-1)) for f in (attn_mask.rel_h, attn_mask.rel_w)
+            )
+            variant, extra = _with_decomposed, (rel_h, rel_w)
         else:
             b, h, lq, lk = query.size(0), query.size(1), query.size(2), key.size(2)
             mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))

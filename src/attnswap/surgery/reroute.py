@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import NotScriptable
 from ..routing import ROUTE_METHOD, ROUTER_ATTR, UNROUTED
+from ..structure import replacement_for
 from . import manual, mha
 from .source import NotRewritable, compile_like, local_names, parse_method, resolve, self_name
 
@@ -55,6 +56,8 @@ class ClassRewrite:
     not_attention: bool = False
     #: an ``nn.MultiheadAttention`` (its forward replaced by :func:`.mha.forward`)
     mha: bool = False
+    #: structure kinds of the bias builders whose calls now return structures (attnswap.structure)
+    structures: tuple[str, ...] = ()
 
     @property
     def how(self) -> str:
@@ -206,6 +209,7 @@ def _analyze(cls: type) -> ClassRewrite | None:
     methods: dict[str, Callable] = {}
     calls = products = 0
     flags: list[str] = []
+    structures: list[str] = []
     not_followed: str | None = None
     for name, attr, fn in sdpa_methods:
         try:
@@ -215,10 +219,11 @@ def _analyze(cls: type) -> ClassRewrite | None:
         if found is None:
             softmax_methods.append((name, attr, fn))  # mentions the name, but it is not SDPA
             continue
-        new_fn, n_calls, gates = found
+        new_fn, n_calls, gates, kinds = found
         methods[name] = new_fn
         calls += n_calls
         flags.extend(g for g in gates if g not in flags)
+        structures.extend(k for k in kinds if k not in structures)
     for name, attr, fn in softmax_methods:
         if not _mentions_softmax(fn.__code__):
             continue
@@ -233,7 +238,9 @@ def _analyze(cls: type) -> ClassRewrite | None:
             products += n_products
     if not methods:
         return ClassRewrite(cls, left_alone=not_followed) if not_followed else None
-    return ClassRewrite(cls, methods=methods, calls=calls, gate_flags=tuple(flags), products=products)
+    return ClassRewrite(
+        cls, methods=methods, calls=calls, gate_flags=tuple(flags), products=products, structures=tuple(structures)
+    )
 
 
 class _Rewriter(ast.NodeTransformer):
@@ -245,6 +252,10 @@ class _Rewriter(ast.NodeTransformer):
         self.gates: list[str] = []
         self.stray: list[str] = []
         self._branch: list[tuple[ast.If, str]] = []
+        #: closure name -> structured replacement of a bias builder the method calls
+        self.builders: dict[str, Callable] = {}
+        #: structure kinds of those builders, in call order
+        self.structures: list[str] = []
 
     def _is_sdpa(self, node: ast.expr) -> bool:
         return isinstance(node, (ast.Name, ast.Attribute)) and resolve(node, self.fn, self.local_names) is SDPA
@@ -259,6 +270,7 @@ class _Rewriter(ast.NodeTransformer):
 
     def visit_Call(self, node: ast.Call) -> ast.AST:
         if not self._is_sdpa(node.func):
+            self._swap_builder(node)
             return self.generic_visit(node)
         node.args = [self.visit(a) for a in node.args]
         node.keywords = [self.visit(k) for k in node.keywords]
@@ -276,6 +288,19 @@ class _Rewriter(ast.NodeTransformer):
         )
         node.func = ast.copy_location(ast.Attribute(value=router, attr=ROUTE_METHOD, ctx=ast.Load()), node.func)
         return node
+
+    def _swap_builder(self, node: ast.Call) -> None:
+        """A call to a bias builder with a structured form calls that form (see attnswap.structure)."""
+        if not isinstance(node.func, (ast.Name, ast.Attribute)):
+            return
+        found = replacement_for(resolve(node.func, self.fn, self.local_names))
+        if found is None:
+            return
+        replacement, kind = found
+        name = f"__attnswap_builder_{len(self.builders)}__"
+        self.builders[name] = replacement
+        self.structures.append(kind)
+        node.func = ast.copy_location(ast.Name(id=name, ctx=ast.Load()), node.func)
 
     def visit_Name(self, node: ast.Name) -> ast.AST:
         if isinstance(node.ctx, ast.Load) and self._is_sdpa(node):
@@ -305,7 +330,7 @@ class _Rewriter(ast.NodeTransformer):
                 self.gates.append(test.attr)
 
 
-def _rewrite(fn: Callable, *, is_method: bool) -> tuple[Callable, int, list[str]] | None:
+def _rewrite(fn: Callable, *, is_method: bool) -> tuple[Callable, int, list[str], tuple[str, ...]] | None:
     funcdef = parse_method(fn, is_method=is_method)
     rewriter = _Rewriter(fn, self_name(funcdef, is_method=is_method), local_names(funcdef))
     funcdef = rewriter.visit(funcdef)
@@ -315,7 +340,8 @@ def _rewrite(fn: Callable, *, is_method: bool) -> tuple[Callable, int, list[str]
         )
     if rewriter.calls == 0:
         return None
-    return compile_like(fn, funcdef, {UNROUTED_NAME: UNROUTED}), rewriter.calls, rewriter.gates
+    cells = {UNROUTED_NAME: UNROUTED, **rewriter.builders}
+    return compile_like(fn, funcdef, cells), rewriter.calls, rewriter.gates, tuple(rewriter.structures)
 
 
 # -- generated subclasses --------------------------------------------------------------------

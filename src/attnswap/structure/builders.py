@@ -1,0 +1,114 @@
+"""Bias builders that patching swaps for structured ones.
+
+A library's module (here :mod:`.timm`) registers, for a function it knows that builds an
+attention bias, a structured replacement with the same signature that returns a
+:class:`~.base.StructuredMask` instead of the tensor. The SDPA rewrite (``surgery.reroute``)
+calls the replacement where a rerouted method called the builder; nothing else changes.
+
+A replacement is only used for the exact code it was written against: the registration
+carries a fingerprint of the builder's code (its AST without the docstring), and a builder
+whose code differs (another version of the library) keeps being called as it is, with the
+reason recorded in :data:`skipped`. While ``torch.compile``/``torch.fx`` trace, or on tensor
+subclasses, a replacement calls the original builder.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib
+import inspect
+import textwrap
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+#: top-level package of a library -> the attnswap module that registers its builders (imported
+#: only when a rerouted method calls a function of that library)
+LIBRARY_ROOMS = {"timm": "attnswap.structure.timm"}
+
+
+@dataclass(frozen=True)
+class Builder:
+    """One registered builder: what it replaces and how."""
+
+    #: the original's ``module.qualname``
+    target: str
+    #: :func:`fingerprint` of the original code the replacement was written against
+    fingerprint: str
+    #: the structure kind the replacement returns
+    kind: str
+    #: ``make(original)`` -> the replacement (same signature)
+    make: Callable[[Callable], Callable]
+
+
+_builders: dict[str, Builder] = {}
+_replacements: dict[Callable, Callable | None] = {}
+_loaded: set[str] = set()
+_lock = threading.RLock()
+#: builders found with code that differs from the registered fingerprint: target -> reason
+skipped: dict[str, str] = {}
+
+
+def register_builder(target: str, fingerprint: str, kind: str, make: Callable[[Callable], Callable]) -> None:
+    """Swap calls to the function named ``target`` (``module.qualname``), when its code has this
+    ``fingerprint``, for ``make(original)``, which returns ``kind`` structures."""
+    with _lock:
+        _builders[target] = Builder(target, fingerprint, kind, make)
+        _replacements.clear()
+
+
+def fingerprint(fn: Callable) -> str | None:
+    """A digest of ``fn``'s code that ignores its docstring, comments and formatting (None when
+    its source cannot be read)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    node = tree.body[0]
+    body = getattr(node, "body", None)
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        node.body = body[1:]  # the docstring
+    return hashlib.sha256(ast.dump(node, include_attributes=False).encode()).hexdigest()[:16]
+
+
+def _target(fn: Any) -> str | None:
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        return None
+    return f"{module}.{qualname}"
+
+
+def _load_room(module: str) -> None:
+    room = LIBRARY_ROOMS.get(module.split(".", 1)[0])
+    if room is not None and room not in _loaded:
+        _loaded.add(room)
+        importlib.import_module(room)
+
+
+def replacement_for(fn: Any) -> tuple[Callable, str] | None:
+    """The structured replacement for the function ``fn`` and its kind, or None."""
+    if not inspect.isfunction(fn):
+        return None
+    target = _target(fn)
+    if target is None:
+        return None
+    with _lock:
+        if fn in _replacements:
+            found = _replacements[fn]
+            return None if found is None else (found, _builders[target].kind)
+        _load_room(fn.__module__)
+        builder = _builders.get(target)
+        made = None
+        if builder is not None:
+            actual = fingerprint(fn)
+            if actual == builder.fingerprint:
+                made = functools.wraps(fn)(builder.make(fn))
+            else:
+                skipped[target] = (
+                    f"{target} differs from the code attnswap's structured form was written for "
+                    f"(fingerprint {actual}, known {builder.fingerprint}): its bias is built as a tensor"
+                )
+        _replacements[fn] = made
+        return None if made is None else (made, builder.kind)

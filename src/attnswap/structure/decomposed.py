@@ -1,0 +1,63 @@
+"""Decomposed relative position: ``bias[..., q, (kh, kw)] = rel_h[..., q, kh] + rel_w[..., q, kw]``.
+
+The bias of SAM ViT, MViTv2 and others: per query, one term for the key's row and one for its
+column of a ``kh × kw`` key grid. The factors are ``[..., Nq, kh]`` and ``[..., Nq, kw]``; the bias
+``[..., Nq, kh·kw]`` is ``kh·kw / (kh + kw)`` times larger (32× for samvit at 1024: 805 MB per
+global layer and image against 25 MB).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..call import mask_to_4d
+from .base import StructuredMask
+
+KIND = "decomposed_rel_pos"
+
+
+class DecomposedRelPos(StructuredMask):
+    """``rel_h [*lead, Nq, kh]`` and ``rel_w [*lead, Nq, kw]`` (same dtype and device) standing
+    for the bias ``[*lead, Nq, kh·kw]`` whose key ``j`` is grid cell ``(j // kw, j % kw)``."""
+
+    kind = KIND
+
+    def __init__(self, rel_h: torch.Tensor, rel_w: torch.Tensor) -> None:
+        if rel_h.shape[:-1] != rel_w.shape[:-1] or rel_h.dtype != rel_w.dtype or rel_h.device != rel_w.device:
+            raise ValueError(
+                f"decomposed rel-pos factors disagree: rel_h {tuple(rel_h.shape)} {rel_h.dtype} on {rel_h.device}, "
+                f"rel_w {tuple(rel_w.shape)} {rel_w.dtype} on {rel_w.device}"
+            )
+        self.rel_h = rel_h
+        self.rel_w = rel_w
+        self.grid = (rel_h.shape[-1], rel_w.shape[-1])
+        super().__init__(
+            (*rel_h.shape[:-1], self.grid[0] * self.grid[1]),
+            rel_h.dtype,
+            rel_h.device,
+            rel_h.requires_grad or rel_w.requires_grad,
+        )
+
+    def _sum(self, rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
+        # one elementwise add of the two factors, as the builders compute it: the same values bit for bit
+        out = rel_h[..., :, None] + rel_w[..., None, :]
+        return out.reshape(*out.shape[:-2], self.grid[0] * self.grid[1])
+
+    def _build(self) -> torch.Tensor:
+        return self._sum(self.rel_h, self.rel_w)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        if self._tensor is not None:
+            return self._tensor[..., start:stop, :]
+        return self._sum(self.rel_h[..., start:stop, :], self.rel_w[..., start:stop, :])
+
+    def layout(self) -> tuple:
+        return (KIND, self.grid)
+
+    def detached(self) -> DecomposedRelPos:
+        return DecomposedRelPos(*(f.detach().requires_grad_(f.requires_grad) for f in (self.rel_h, self.rel_w)))
+
+    def as_4d(self, q_shape: tuple[int, ...]) -> DecomposedRelPos:
+        """The same bias for the call :func:`attnswap.call.to_4d` makes of one whose query has
+        shape ``q_shape``: the factors' leading dims reshaped as the bias's would be (views)."""
+        return DecomposedRelPos(mask_to_4d(self.rel_h, q_shape), mask_to_4d(self.rel_w, q_shape))

@@ -1,0 +1,45 @@
+"""timm's attention-bias builders, as structures (imported when a rerouted timm method calls one).
+
+Each replacement computes exactly what timm's function computes, with its own helpers (read
+from the original function's globals), up to the point where timm expands the parts into the
+full bias; the structure then holds the parts. The fingerprints pin the timm code each
+replacement was written against (timm 1.0.31): a timm whose builder differs keeps building
+its tensor (``builders.skipped`` says so).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .builders import register_builder
+from .decomposed import KIND as DECOMPOSED, DecomposedRelPos
+
+_Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
+
+
+def _sam_decomposed(original: Callable) -> Callable:
+    get_rel_pos = original.__globals__["get_rel_pos"]
+
+    def get_decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, q_size, k_size):
+        if type(q) is not _Tensor or _is_compiling():
+            return original(q, rel_pos_h, rel_pos_w, q_size, k_size)
+        # timm: vision_transformer_sam.get_decomposed_rel_pos_bias, up to its final broadcast add
+        q_h, q_w = q_size
+        k_h, k_w = k_size
+        Rh = get_rel_pos(q_h, k_h, rel_pos_h)
+        Rw = get_rel_pos(q_w, k_w, rel_pos_w)
+        B, _, dim = q.shape
+        r_q = q.reshape(B, q_h, q_w, dim)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw)
+        return DecomposedRelPos(rel_h.reshape(B, q_h * q_w, k_h), rel_w.reshape(B, q_h * q_w, k_w))
+
+    return get_decomposed_rel_pos_bias
+
+
+register_builder(
+    "timm.models.vision_transformer_sam.get_decomposed_rel_pos_bias", "99b3d3e0716990f3", DECOMPOSED, _sam_decomposed
+)
