@@ -29,7 +29,7 @@ import timm
 import torch
 
 import attnswap
-from attnswap import routing
+from attnswap import forms, routing
 
 from _results import write_json
 
@@ -65,27 +65,27 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--budget-mb", type=float, help="routing.MATERIALIZE_BUDGET for the sdpa variant (default: attnswap's)")
-    ap.add_argument("--min-rows", type=int, help="routing.MIN_ROWS (default: attnswap's)")
+    ap.add_argument("--budget-mb", type=float, help="forms.MATERIALIZE_BUDGET for the sdpa variant (default: attnswap's)")
+    ap.add_argument("--min-rows", type=int, help="forms.MIN_ROWS (default: attnswap's)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.budget_mb:
-        routing.MATERIALIZE_BUDGET = int(args.budget_mb * 2**20)
+        forms.MATERIALIZE_BUDGET = int(args.budget_mb * 2**20)
     if args.min_rows:
-        routing.MIN_ROWS = args.min_rows
+        forms.MIN_ROWS = args.min_rows
     variants = args.variants.split(",")
 
     model = build(args.model, args.size)
     x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
-    budget = routing.MATERIALIZE_BUDGET
+    budget = forms.MATERIALIZE_BUDGET
 
     def setup(variant: str) -> None:
         attnswap.unpatch(model) if attnswap.is_patched(model) else None
-        routing.MATERIALIZE_BUDGET = budget
+        forms.MATERIALIZE_BUDGET = budget
         if variant == "unpatched":
             return
         if variant == "sdpa_whole":
-            routing.MATERIALIZE_BUDGET = 1 << 62
+            forms.MATERIALIZE_BUDGET = 1 << 62
         attnswap.patch(model, backend="flex" if variant == "flex" else "sdpa", strict=True)
 
     def forward() -> torch.Tensor:

@@ -18,7 +18,15 @@ from .routing import ROUTER_ATTR, Policy, Router
 from .surgery.discover import Selector, class_label
 from .surgery.discover import candidates as find_sites
 from .surgery.reroute import analyze, original_class
-from .surgery.swap import check_installable, install, router_of, uninstall
+from .surgery.swap import (
+    check_installable,
+    install,
+    install_source,
+    is_bias_source,
+    router_of,
+    uninstall,
+    uninstall_source,
+)
 
 logger = logging.getLogger("attnswap")
 
@@ -158,8 +166,13 @@ def patch(
         found = list(find_sites(model, include, exclude))
         plan: list[tuple] = []
         sites: list[SiteReport] = []
+        sources: list = []
         for c in found:
             label = class_label(c.cls)
+            if c.rewrite is not None and c.rewrite.builds_only:
+                if c.rewrite.problem is None and check_installable(c.module, c.rewrite) is None:
+                    sources.append(c)  # (else its bias stays a tensor: nothing is lost)
+                continue
             if c.rewrite is None or c.rewrite.not_attention:
                 note = c.rewrite.left_alone if c.rewrite is not None else _SOFTMAX_NOTE
                 sites.append(SiteReport(c.path, label, NOT_ATTENTION, reason=note))
@@ -180,6 +193,9 @@ def patch(
                 + "\n  HINT: pass strict=False to patch every other site and report these, or leave them out "
                 "with exclude=[...]"
             )
+        for c in sources:
+            if not is_bias_source(c.module):
+                install_source(c.module, c.rewrite)
         for c in plan:
             router = Router(policy, site=c.path, site_class=class_label(c.cls))
             install(c.module, c.rewrite, router)
@@ -197,7 +213,10 @@ def patch(
             "attnswap: backend %r is unavailable (%s); every call will use the fallback %s",
             policy.backend, unavailable, policy.fallback,
         )
-    return PatchReport(policy.backend, policy.fallback, policy.strict, tuple(sites), unavailable, policy.cast)
+    return PatchReport(
+        policy.backend, policy.fallback, policy.strict, tuple(sites), unavailable, policy.cast,
+        tuple((c.path, c.rewrite.structures) for c in sources),
+    )
 
 
 def unpatch(model: torch.nn.Module) -> int:
@@ -212,13 +231,15 @@ def unpatch(model: torch.nn.Module) -> int:
             if ROUTER_ATTR in module.__dict__:
                 uninstall(module)
                 restored += 1
+            elif is_bias_source(module):
+                uninstall_source(module)
     return restored
 
 
 def is_patched(model: torch.nn.Module) -> bool:
     """True when at least one module of ``model`` is routed by attnswap."""
     _check_model(model)
-    return any(ROUTER_ATTR in m.__dict__ for m in model.modules())
+    return any(ROUTER_ATTR in m.__dict__ or is_bias_source(m) for m in model.modules())
 
 
 @contextlib.contextmanager
@@ -240,7 +261,7 @@ def patched(
     """
     _check_model(model)
     with _surgery_lock:
-        before = [(m, m.__dict__.get(ROUTER_ATTR)) for m in model.modules()]
+        before = [(m, m.__dict__.get(ROUTER_ATTR), is_bias_source(m)) for m in model.modules()]
     try:
         yield patch(model, backend, **options)
     finally:
@@ -248,10 +269,14 @@ def patched(
             for m in model.modules():
                 if ROUTER_ATTR in m.__dict__:
                     uninstall(m)
-            for m, router in before:
+                elif is_bias_source(m):
+                    uninstall_source(m)
+            for m, router, source in before:
                 if router is not None:
                     rewrite = analyze(original_class(m))
                     install(m, rewrite, router)
+                elif source:
+                    install_source(m, analyze(original_class(m)))
 
 
 def stats(model: torch.nn.Module, *, reset: bool = False) -> ModelStats:

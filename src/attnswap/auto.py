@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import forms
 from .backends import registry
 from .backends.base import Backend
 from .backends.eager import eager_attention
@@ -175,7 +176,7 @@ class Tuner:
             if not backend.exact:
                 rejected.append(Trial(name, rejected="approximate: never chosen automatically"))
                 continue
-            reasons, reshape_4d = backend.reasons(facts)
+            reasons, reshape_4d, _ = forms.choose(backend, facts, lambda b, f: b.reasons(f))
             if reasons:
                 rejected.append(Trial(name, rejected="; ".join(reasons)))
                 continue

@@ -63,6 +63,9 @@ class ModelCoverage:
     unrouted: int = 0
     error: str = ""
     seconds: float = 0.0
+    #: kinds of bias the patched model carries as structure (attnswap.structure) -> calls that
+    #: carried one in the checked forward (0 when only discovered)
+    structures: dict[str, int] = field(default_factory=dict)
 
     @property
     def fully_routed(self) -> bool:
@@ -185,6 +188,11 @@ def _discover(name: str, result: ModelCoverage) -> None:
             result.not_attention[cls] = site.reason
         elif site.status == NOT_ROUTABLE:
             result.not_routable[cls] = site.reason
+        for kind in site.structures:
+            result.structures.setdefault(kind, 0)
+    for _, kinds in report.bias_sources:
+        for kind in kinds:
+            result.structures.setdefault(kind, 0)
 
 
 def _check_f64(name: str, seed: int = 0) -> float:
@@ -229,6 +237,8 @@ def _check(name: str, result: ModelCoverage, seed: int = 0) -> None:
     result.calls = s.total_calls
     result.escaped = probe.escaped
     result.unrouted = s.unrouted_calls
+    for (kind, _, _), n in s.structures().items():
+        result.structures[kind] = result.structures.get(kind, 0) + n
     result.checked = True
     if result.rel_err >= TOLERANCE:
         result.rel_err_f64 = _check_f64(name, seed)
@@ -352,6 +362,12 @@ def markdown(results: Sequence[ModelCoverage], *, command: str, environment: str
         for cls, why in r.not_attention.items():
             by_class.setdefault(cls, Counter())["not attention (left alone)"] += 1
             reasons[cls] = why
+    kinds: Counter = Counter(k for r in results for k in r.structures)
+    if kinds:
+        lines += ["", "## Biases carried as structure", "", "| kind | models | of them checked, calls that carried it |", "|---|---|---|"]
+        for kind, n in kinds.most_common():
+            carried = [r for r in results if kind in r.structures and r.checked]
+            lines.append(f"| {kind} | {n} | {len(carried)} models, {sum(r.structures[kind] for r in carried)} calls |")
     lines += ["", "## By attention class", "", "| class | models | status | reason when not routed |", "|---|---|---|---|"]
     for cls in sorted(by_class, key=lambda c: (-sum(by_class[c].values()), c)):
         status = ", ".join(f"{k}" for k in by_class[cls])
@@ -372,8 +388,8 @@ def markdown(results: Sequence[ModelCoverage], *, command: str, environment: str
             lines.append(f"| {r.name} | {r.error or f'{r.rel_err:.2e} / {r.escaped} / {r.unrouted}'} |")
     lines += [
         "", "## Every model with attention", "",
-        "| model | params (M) | sites | routed | left alone | rel. error | routed calls | time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | params (M) | sites | routed | left alone | rel. error | routed calls | bias as structure | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if not (r.routed or r.left_alone or r.not_routable):
@@ -383,7 +399,7 @@ def markdown(results: Sequence[ModelCoverage], *, command: str, environment: str
             err += f" (float64: {r.rel_err_f64:.1e})"
         lines.append(
             f"| {r.name} | {r.params_m:.1f} | {r.sites} | {r.routed} | {len(r.left_alone)} | {err} | "
-            f"{r.calls if r.checked else '-'} | {r.seconds:.1f} |"
+            f"{r.calls if r.checked else '-'} | {', '.join(r.structures) or '-'} | {r.seconds:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

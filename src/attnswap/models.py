@@ -108,3 +108,21 @@ def check_runs(model: torch.nn.Module, x: torch.Tensor, name: str) -> torch.Tens
             f"the unpatched {name} fails on an input of shape {tuple(x.shape)}: {type(exc).__name__}: {exc} "
             "(pass --input-shape / --img-size to fit it)"
         ) from None
+
+
+def naflex_batch(
+    lengths: Sequence[int], n: int, grid_w: int = 24, patch_dim: int = 16 * 16 * 3, seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """A batch as timm's NaFlex collator makes it for ``naflexvit_*`` models: ``lengths[b]`` patches
+    of sequence ``b`` (laid out ``grid_w`` per row), padded at the tail to ``n``; random pixels."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(lengths)
+    coord = torch.zeros(batch, n, 2, dtype=torch.long)
+    valid = torch.zeros(batch, n, dtype=torch.bool)
+    for b, length in enumerate(lengths):
+        idx = torch.arange(length)
+        coord[b, :length, 0], coord[b, :length, 1] = idx // grid_w, idx % grid_w
+        valid[b, :length] = True
+    patches = torch.randn(batch, n, patch_dim, generator=g).to(dtype)
+    return {"patches": patches, "patch_coord": coord, "patch_valid": valid}

@@ -49,6 +49,8 @@ class PatchReport:
     backend_unavailable: str = ""
     #: float32 calls a half-precision backend would refuse run down-cast to this dtype (``patch(cast=)``)
     cast: torch.dtype | None = None
+    #: modules that compute no attention but build a bias that now travels as structure: (path, kinds)
+    bias_sources: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def patched(self) -> list[SiteReport]:
@@ -84,6 +86,8 @@ class PatchReport:
             parts.append(f"{self.backend!r} is unavailable here ({self.backend_unavailable}); calls use the fallback")
         if not self.sites:
             parts.append("no attention sites found")
+        for path, kinds in self.bias_sources:
+            parts.append(f"{path or '<root>'} builds its {', '.join(kinds)} bias as structure")
         return "; ".join(parts)
 
     def __str__(self) -> str:
@@ -101,6 +105,7 @@ class PatchReport:
             "strict": self.strict,
             "backend_unavailable": self.backend_unavailable,
             "sites": [dict(s.__dict__, flags=list(s.flags), structures=list(s.structures)) for s in self.sites],
+            "bias_sources": [{"path": p, "structures": list(k)} for p, k in self.bias_sources],
         }
 
 

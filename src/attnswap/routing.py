@@ -31,6 +31,7 @@ from .backends import registry
 from .backends.base import Backend, FunctionBackend, dtype_name
 from .call import DTYPE_NAMES, DTYPES, CallFacts, broadcast, facts_from_key, facts_key, facts_of, to_4d
 from .errors import AttnSwapError, BackendRefused, UnsupportedCall
+from . import forms
 from .structure.base import StructuredMask
 
 logger = logging.getLogger("attnswap")
@@ -98,59 +99,8 @@ class Decision:
     tried: tuple[tuple[str, tuple[str, ...]], ...]
     #: q/k/v are cast to this dtype for the backend (``patch(cast=...)``), or None
     cast: torch.dtype | None = None
-    #: the backend computes the call's structured bias from its parts (else it gets the tensor)
-    structured: bool = False
-
-
-#: a structured bias bigger than this is handed to backends that take tensors a slice of query
-#: rows at a time (each slice's bias is made, used and freed in turn)
-MATERIALIZE_BUDGET = 32 * 2**20
-#: the fewest query rows a slice has (kernels tile queries; tiny slices waste their tiles)
-MIN_ROWS = 128
-
-FORM_PARTS = "from its parts"
-FORM_WHOLE = "materialized"
-FORM_ROWS = "materialized by query rows"
-
-
-def row_slice(facts: CallFacts) -> int | None:
-    """How many query rows a backend that takes tensors gets at once for this call's structured
-    bias, or None to materialize it whole (small enough, or rows it cannot be sliced by)."""
-    shape = facts.mask_shape
-    if facts.structure is None or shape is None or len(shape) < 2 or shape[-2] != facts.q_len or facts.dropout_p:
-        return None  # (dropout: rows drawn in slices would use the random stream differently)
-    row_bytes = facts.mask_dtype.itemsize * shape[-1]
-    for s in shape[:-2]:
-        row_bytes *= s
-    if row_bytes * facts.q_len <= MATERIALIZE_BUDGET:
-        return None
-    rows = max(MIN_ROWS, MATERIALIZE_BUDGET // row_bytes // MIN_ROWS * MIN_ROWS)
-    return rows if rows < facts.q_len else None
-
-
-def _materializing(inner: Callable[..., torch.Tensor], rows: int | None) -> Callable[..., torch.Tensor]:
-    """Run ``inner`` (a backend that takes tensors) on the tensor a structured bias stands for:
-    whole, or ``rows`` query rows at a time (each output row depends only on its own query row
-    and bias row, so the slices' outputs, stacked, are the call's output)."""
-    if rows is None:
-        def run(q, k, v, m=None, d=0.0, c=False, scale=None, enable_gqa=False):
-            if type(m) is not _Tensor and m is not None:
-                m = m.materialize()
-            return inner(q, k, v, m, d, c, scale=scale, enable_gqa=enable_gqa)
-
-        return run
-
-    def run_rows(q, k, v, m=None, d=0.0, c=False, scale=None, enable_gqa=False):
-        if type(m) is _Tensor or m is None:
-            return inner(q, k, v, m, d, c, scale=scale, enable_gqa=enable_gqa)
-        n = q.shape[-2]
-        outs = [
-            inner(q[..., i : i + rows, :], k, v, m.rows(i, min(i + rows, n)), d, c, scale=scale, enable_gqa=enable_gqa)
-            for i in range(0, n, rows)
-        ]
-        return torch.cat(outs, dim=-2)
-
-    return run_rows
+    #: the form a structured bias reaches the backend in (``attnswap.forms``), None without one
+    form: str | None = None
 
 
 class Plan:
@@ -171,14 +121,17 @@ def _runner(
     site: str,
     cast: torch.dtype | None = None,
     facts: CallFacts | None = None,
-    structured: bool = False,
+    form: str | None = None,
 ) -> Callable[..., torch.Tensor]:
     """What a plan calls, as ``run(q, k, v, attn_mask, dropout_p, is_causal, scale=, enable_gqa=)``
     (SDPA's own calling convention, so for ``sdpa`` it is the builtin itself). With the call's
     ``facts`` the backend's :meth:`~Backend.kernel_for` them (as the kernel will see them). A
-    structured bias goes to the backend as it is when ``structured``, else as its tensor."""
+    structured bias reaches it in ``form`` (:mod:`attnswap.forms`)."""
     if facts is None:
         run: Callable[..., torch.Tensor] = backend.kernel
+    elif form == forms.FORM_SEQUENCES:
+        seen = forms.per_sequence_facts(facts)  # each sequence's call: no mask
+        run = backend.kernel_for(seen.cast_to(cast) if cast is not None else seen)
     else:
         seen = facts.as_4d() if reshape_4d else facts
         run = backend.kernel_for(seen.cast_to(cast) if cast is not None else seen)
@@ -193,17 +146,9 @@ def _runner(
 
     if cast is not None:
         run = _cast_runner(run, cast)
-    if facts is not None and facts.structure is not None and not structured:
-        run = _materializing(run, row_slice(facts))
+    if facts is not None:
+        run = forms.wrap(run, facts, form)
     return run
-
-
-def structure_form(facts: CallFacts, structured: bool) -> tuple[str, str] | None:
-    """A structured call's kind and the form a backend gets it in (for the tallies), else None."""
-    if facts.structure is None:
-        return None
-    form = FORM_PARTS if structured else (FORM_WHOLE if row_slice(facts) is None else FORM_ROWS)
-    return (facts.structure[0], form)
 
 
 def _cast_runner(inner: Callable[..., torch.Tensor], dtype: torch.dtype) -> Callable[..., torch.Tensor]:
@@ -439,8 +384,8 @@ class Router:
     def _plan_for(self, facts: CallFacts, refused: dict[str, str] | None = None, args: tuple | None = None) -> Plan:
         d = self.decide(facts, refused, args)
         return Plan(
-            _runner(d.backend, d.reshape_4d, self.site, d.cast, facts, d.structured),
-            self._tally(d.backend.name, d.tried, d.cast, structure_form(facts, d.structured)),
+            _runner(d.backend, d.reshape_4d, self.site, d.cast, facts, d.form),
+            self._tally(d.backend.name, d.tried, d.cast, None if d.form is None else (facts.structure[0], d.form)),
             facts,
         )
 
@@ -469,18 +414,18 @@ class Router:
             if name != self.policy.backend and not backend.exact:
                 tried.append((name, ("approximate backends are never used as a fallback",)))
                 continue
-            reasons, reshape_4d = self._reasons(backend, facts)
+            reasons, reshape_4d, form = forms.choose(backend, facts, self._reasons)
             cast = None
             if reasons and self.policy.cast is not None and facts.dtype == torch.float32:
-                cast_reasons, cast_reshape = self._reasons(backend, facts.cast_to(self.policy.cast))
+                cast_reasons, cast_reshape, cast_form = forms.choose(backend, facts.cast_to(self.policy.cast), self._reasons)
                 if not cast_reasons:
-                    reasons, reshape_4d, cast = cast_reasons, cast_reshape, self.policy.cast
+                    reasons, reshape_4d, cast, form = cast_reasons, cast_reshape, self.policy.cast, cast_form
             if reasons:
                 tried.append((name, tuple(reasons)))
                 continue
             if tried:
                 self._warn_fallback(name, tried)
-            return Decision(backend, reshape_4d, tuple(tried), cast, _takes_structure(backend, facts))
+            return Decision(backend, reshape_4d, tuple(tried), cast, form)
         hint = (
             "pass strict=False to let the site fall back"
             if self.policy.strict
@@ -496,7 +441,7 @@ class Router:
                 facts,
                 args,
                 lambda backend, reshape_4d: _runner(
-                    backend, reshape_4d, self.site, facts=facts, structured=_takes_structure(backend, facts)
+                    backend, reshape_4d, self.site, facts=facts, form=forms.choose(backend, facts, self._reasons)[2]
                 ),
                 names,
             )
@@ -515,11 +460,11 @@ class Router:
                 continue
             if backend is None or backend.unavailable_reason is not None:
                 continue
-            reasons, reshape_4d = self._reasons(backend, facts)
+            reasons, reshape_4d, form = forms.choose(backend, facts, self._reasons)
             if reasons:  # a decision made eagerly, met again inside a compiled graph
                 tried.append((name, tuple(reasons)))
                 continue
-            return Decision(backend, reshape_4d, tuple(tried), structured=_takes_structure(backend, facts))
+            return Decision(backend, reshape_4d, tuple(tried), form=form)
         raise UnsupportedCall(self.site, facts, {n: list(r) for n, r in tried}, hint="auto found no backend")
 
     def _reasons(self, backend: Backend, facts: CallFacts) -> tuple[list[str], bool]:
@@ -596,12 +541,6 @@ class Router:
             (router_node, query, key, value),
             {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale, "enable_gqa": enable_gqa},
         )
-
-
-def _takes_structure(backend: Backend, facts: CallFacts) -> bool:
-    """Whether ``backend`` computes this call's structured bias from its parts."""
-    kind = facts.structure_kind
-    return kind is not None and kind in backend.structures and not backend.structure_reasons(facts)
 
 
 class _Unrouted:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attnswap
-from attnswap import routing
+from attnswap import forms, routing
 from attnswap.backends import eager_attention
 from attnswap.routing import Policy, Router
 from attnswap.structure import DecomposedRelPos, StructuredMask, replacement_for
@@ -117,8 +117,8 @@ def _call(dtype=torch.float64, grid=(6, 5), heads=4, dim=8, seed=0, requires_gra
 @pytest.mark.parametrize("rows", [False, True], ids=["whole", "by rows"])
 def test_router_gives_tensor_backends_the_exact_bias(backend, rows, monkeypatch):
     if rows:  # a budget of a few rows: every call is served a slice at a time
-        monkeypatch.setattr(routing, "MATERIALIZE_BUDGET", 4 * 30 * 8 * 8)
-        monkeypatch.setattr(routing, "MIN_ROWS", 8)
+        monkeypatch.setattr(forms, "MATERIALIZE_BUDGET", 4 * 30 * 8 * 8)
+        monkeypatch.setattr(forms, "MIN_ROWS", 8)
     q, k, v, rel_h, rel_w = _call(requires_grad=True)
     if backend == "sdpa_flash":  # its CPU kernel has no gradient for a mask (refused, tested elsewhere)
         rel_h, rel_w = rel_h.detach(), rel_w.detach()
@@ -129,7 +129,7 @@ def test_router_gives_tensor_backends_the_exact_bias(backend, rows, monkeypatch)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.flatten(-2))
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     (tally,) = router.tallies()
-    form = routing.FORM_ROWS if rows else routing.FORM_WHOLE
+    form = forms.FORM_ROWS if rows else forms.FORM_WHOLE
     assert tally.structure == ("decomposed_rel_pos", form)
     assert (structure._tensor is None) is rows, "by rows, the whole bias never exists"
     inputs = [t for t in (q, k, v, rel_h, rel_w) if t.requires_grad]
@@ -145,10 +145,10 @@ def test_row_slices_follow_the_budget():
     q, k, v, rel_h, rel_w = _call(dtype=torch.float32, grid=(64, 64), heads=12, dim=4)
     facts = facts_of(q, k, v, DecomposedRelPos(rel_h, rel_w))
     assert facts.structure == ("decomposed_rel_pos", (64, 64))
-    rows = routing.row_slice(facts)  # (12, 4096, 4096) float32: 805 MB whole
-    assert rows % routing.MIN_ROWS == 0 and 12 * rows * 4096 * 4 <= routing.MATERIALIZE_BUDGET
+    rows = forms.row_slice(facts)  # (12, 4096, 4096) float32: 805 MB whole
+    assert rows % forms.MIN_ROWS == 0 and 12 * rows * 4096 * 4 <= forms.MATERIALIZE_BUDGET
     small = facts_of(*_call(dtype=torch.float32)[:3], DecomposedRelPos(*_call(dtype=torch.float32)[3:]))
-    assert routing.row_slice(small) is None
+    assert forms.row_slice(small) is None
 
 
 @needs_flex_on_cpu
@@ -161,7 +161,7 @@ def test_flex_reads_the_factors():
         bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
         expected = eager_attention(q.double(), k.double(), v.double(), attn_mask=bias.double())
     torch.testing.assert_close(out.double(), expected, rtol=2e-5, atol=2e-5)
-    assert router.tallies()[0].structure == ("decomposed_rel_pos", routing.FORM_PARTS)
+    assert router.tallies()[0].structure == ("decomposed_rel_pos", forms.FORM_PARTS)
     assert structure._tensor is None
 
 
@@ -173,7 +173,7 @@ def test_flex_on_cpu_refuses_factors_that_need_grad_and_the_fallback_gets_the_te
     out = router.route(q, k, v, attn_mask=DecomposedRelPos(rel_h, rel_w))
     (tally,) = router.tallies()
     assert tally.backend == "sdpa" and any("backward" in r for r in dict(tally.tried)["flex"])
-    assert tally.structure == ("decomposed_rel_pos", routing.FORM_WHOLE)
+    assert tally.structure == ("decomposed_rel_pos", forms.FORM_WHOLE)
     bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias))
 
@@ -202,7 +202,7 @@ def test_samvit_forward_and_gradients_match_unpatched(backend):
     for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=name)
     stats = attnswap.stats(model)
-    assert stats.structures() == {("decomposed_rel_pos", backend, routing.FORM_WHOLE): stats.total_calls}
+    assert stats.structures() == {("decomposed_rel_pos", backend, forms.FORM_WHOLE): stats.total_calls}
     attnswap.unpatch(model)
     assert torch.equal(features(model, x), ref.detach())
 
@@ -215,8 +215,8 @@ def test_samvit_on_flex_reads_factors_in_every_layer():
         attnswap.patch(model, backend="flex", strict=True)
         out = features(model, x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    forms = attnswap.stats(model).structures()
-    assert forms == {("decomposed_rel_pos", "flex", routing.FORM_PARTS): attnswap.stats(model).total_calls}
+    seen = attnswap.stats(model).structures()
+    assert seen == {("decomposed_rel_pos", "flex", forms.FORM_PARTS): attnswap.stats(model).total_calls}
 
 
 def test_samvit_under_compile_builds_its_tensor_and_does_not_recompile():

@@ -198,6 +198,9 @@ class Backend:
     #: kinds of structured bias (``attnswap.structure``) this backend computes from their parts;
     #: it gets every other bias as the tensor it stands for
     structures: frozenset[str] = frozenset()
+    #: compiles a kernel per call shape (flex): never given one call per sequence of a padded
+    #: batch, whose lengths change from batch to batch
+    compiles_per_shape: bool = False
 
     def limits(self, device_type: str) -> Limits | None:
         """The limits on ``device_type``; ``None`` means no limits."""

@@ -181,6 +181,7 @@ class FlexBackend(Backend):
     )
     _cuda = Limits(dtypes=_LOW, ndims=frozenset({4}), kv_batch_broadcast=False, dropout=False)
     structures = frozenset({DECOMPOSED})
+    compiles_per_shape = True
 
     def __init__(self) -> None:
         self._compiled: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()

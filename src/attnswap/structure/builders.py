@@ -25,8 +25,16 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 #: top-level package of a library -> the attnswap module that registers its builders (imported
-#: only when a rerouted method calls a function of that library)
-LIBRARY_ROOMS = {"timm": "attnswap.structure.timm"}
+#: only when a rewritten method calls a function of that library), and the builders' names (so
+#: methods that call one are found without importing anything)
+LIBRARY_ROOMS: dict[str, tuple[str, frozenset[str]]] = {
+    "timm": ("attnswap.structure.timm", frozenset({"get_decomposed_rel_pos_bias", "create_attention_mask"})),
+}
+
+
+def builder_names() -> frozenset[str]:
+    """The plain names of every builder a library room may register (what a method's code must mention)."""
+    return frozenset().union(*(names for _, names in LIBRARY_ROOMS.values()))
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,8 @@ def _target(fn: Any) -> str | None:
 
 
 def _load_room(module: str) -> None:
-    room = LIBRARY_ROOMS.get(module.split(".", 1)[0])
+    entry = LIBRARY_ROOMS.get(module.split(".", 1)[0])
+    room = None if entry is None else entry[0]
     if room is not None and room not in _loaded:
         _loaded.add(room)
         importlib.import_module(room)

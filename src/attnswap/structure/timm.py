@@ -15,6 +15,7 @@ import torch
 
 from .builders import register_builder
 from .decomposed import KIND as DECOMPOSED, DecomposedRelPos
+from .padding import KIND as KEY_PADDING, KeyPadding
 
 _Tensor = torch.Tensor
 _is_compiling = torch.compiler.is_compiling
@@ -43,3 +44,26 @@ def _sam_decomposed(original: Callable) -> Callable:
 register_builder(
     "timm.models.vision_transformer_sam.get_decomposed_rel_pos_bias", "99b3d3e0716990f3", DECOMPOSED, _sam_decomposed
 )
+
+
+def _naflex_padding(original: Callable) -> Callable:
+    def create_attention_mask(patch_valid, num_prefix_tokens=0, symmetric=True, q_len=None, dtype=torch.float32):
+        if patch_valid is None or type(patch_valid) is not _Tensor or _is_compiling():
+            return original(patch_valid, num_prefix_tokens, symmetric, q_len, dtype)
+        # timm: naflexvit.create_attention_mask, the validity it builds its mask from
+        valid = patch_valid.bool()
+        if num_prefix_tokens > 0:
+            valid = torch.cat([valid.new_ones((valid.shape[0], num_prefix_tokens)), valid], dim=1)
+        length = valid.shape[1]
+        return KeyPadding(
+            valid,
+            symmetric,
+            length if symmetric else (q_len or length),
+            dtype,
+            lambda: original(patch_valid, num_prefix_tokens, symmetric, q_len, dtype),
+        )
+
+    return create_attention_mask
+
+
+register_builder("timm.models.naflexvit.create_attention_mask", "6695476321fec45b", KEY_PADDING, _naflex_padding)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..errors import NotScriptable
 from ..routing import ROUTE_METHOD, ROUTER_ATTR, UNROUTED
 from ..structure import replacement_for
+from ..structure.builders import builder_names
 from . import manual, mha
 from .source import NotRewritable, compile_like, local_names, parse_method, resolve, self_name
 
@@ -73,6 +74,12 @@ class ClassRewrite:
     @property
     def routable(self) -> bool:
         return self.problem is None and bool(self.methods)
+
+    @property
+    def builds_only(self) -> bool:
+        """The class computes no attention, but builds a bias that now travels as structure
+        (NaFlexViT's model class builds the padding mask its blocks' attention uses)."""
+        return bool(self.structures) and not (self.calls or self.products or self.mha)
 
 
 class _ClassCache(OrderedDict):
@@ -236,6 +243,17 @@ def _analyze(cls: type) -> ClassRewrite | None:
         elif found_manual is not None:
             methods[name], n_products = found_manual
             products += n_products
+    builders = builder_names()
+    for name, attr, fn in _methods(cls):
+        if name in methods or not _code_mentions(fn.__code__, builders):
+            continue
+        try:
+            found = _rewrite(fn, is_method=isinstance(attr, types.FunctionType), builders_only=True)
+        except NotRewritable:
+            continue  # the bias stays a tensor: nothing is lost
+        if found is not None:
+            methods[name] = found[0]
+            structures.extend(k for k in found[3] if k not in structures)
     if not methods:
         return ClassRewrite(cls, left_alone=not_followed) if not_followed else None
     return ClassRewrite(
@@ -330,7 +348,11 @@ class _Rewriter(ast.NodeTransformer):
                 self.gates.append(test.attr)
 
 
-def _rewrite(fn: Callable, *, is_method: bool) -> tuple[Callable, int, list[str], tuple[str, ...]] | None:
+def _rewrite(
+    fn: Callable, *, is_method: bool, builders_only: bool = False
+) -> tuple[Callable, int, list[str], tuple[str, ...]] | None:
+    """``fn`` recompiled with its SDPA calls rerouted and its bias builders' calls structured;
+    None when it calls no SDPA (with ``builders_only``: no builder)."""
     funcdef = parse_method(fn, is_method=is_method)
     rewriter = _Rewriter(fn, self_name(funcdef, is_method=is_method), local_names(funcdef))
     funcdef = rewriter.visit(funcdef)
@@ -338,7 +360,7 @@ def _rewrite(fn: Callable, *, is_method: bool) -> tuple[Callable, int, list[str]
         raise NotRewritable(
             f"uses {rewriter.stray[0]} other than by calling it (stored or passed on), so its calls cannot be rerouted"
         )
-    if rewriter.calls == 0:
+    if (rewriter.calls == 0) if not builders_only else (rewriter.calls or not rewriter.builders):
         return None
     cells = {UNROUTED_NAME: UNROUTED, **rewriter.builders}
     return compile_like(fn, funcdef, cells), rewriter.calls, rewriter.gates, tuple(rewriter.structures)
@@ -405,9 +427,11 @@ def _rewrapped(cls: type) -> type:
 
 def _refuse_scripting(self: torch.nn.Module) -> torch.nn.Module:
     # torch.jit.script calls this on every submodule before compiling anything
+    router = self.__dict__.get(ROUTER_ATTR)
+    routed = f"routed to {router.policy.backend!r}" if router is not None else "building its bias as structure"
     raise NotScriptable(
         f"torch.jit.script was given a model with attnswap-patched attention "
-        f"({original_class(self).__qualname__}, routed to {self.__dict__[ROUTER_ATTR].policy.backend!r}). "
+        f"({original_class(self).__qualname__}, {routed}). "
         "TorchScript cannot compile the routed code, and scripting the original code would drop the "
         "routing. Unpatch first (attnswap.unpatch(model)) to script the original model, or use "
         "torch.compile / torch.export, which keep the routing."

@@ -17,8 +17,27 @@ from . import mha
 from .reroute import ClassRewrite, original_class, patched_class
 
 
+#: marks a module patched only so that the bias it builds travels as structure (no router)
+SOURCE_ATTR = "_attnswap_bias_source"
+
+
 def router_of(module: torch.nn.Module) -> Router | None:
     return module.__dict__.get(ROUTER_ATTR)
+
+
+def is_bias_source(module: torch.nn.Module) -> bool:
+    return SOURCE_ATTR in module.__dict__
+
+
+def install_source(module: torch.nn.Module, rewrite: ClassRewrite) -> None:
+    """Swap ``module`` to the class whose bias builders return structures (``rewrite.builds_only``)."""
+    module.__dict__[SOURCE_ATTR] = rewrite.structures
+    module.__class__ = patched_class(rewrite)
+
+
+def uninstall_source(module: torch.nn.Module) -> None:
+    module.__dict__.pop(SOURCE_ATTR)
+    module.__class__ = original_class(module)
 
 
 def check_installable(module: torch.nn.Module, rewrite: ClassRewrite) -> str | None:
