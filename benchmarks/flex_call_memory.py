@@ -18,8 +18,8 @@ import time
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
+from attnswap.bench import peak_allocated_bytes
 from attnswap.routing import Policy, Router
-from structured_bias import peak_growth
 
 
 def main() -> None:
@@ -58,7 +58,7 @@ def main() -> None:
                 fn()
                 times[name].append(time.perf_counter() - t0)
         for name, fn in variants.items():
-            rows.append((name, statistics.median(times[name]) * 1e3, peak_growth(fn) / 2**20))
+            rows.append((name, statistics.median(times[name]) * 1e3, peak_allocated_bytes(fn) / 2**20))
     print(f"one call, q/k/v (1, {args.heads}, {args.n}, {args.dim}) float32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {datetime.date.today()}")
     print("| variant | ms (median) | peak MB |")

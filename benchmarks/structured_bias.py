@@ -30,23 +30,11 @@ import torch
 
 import attnswap
 from attnswap import forms, routing
+from attnswap.bench import peak_allocated_bytes
 
 from _results import write_json
 
 VARIANTS = ("unpatched", "sdpa", "sdpa_whole", "flex")
-
-
-def peak_growth(fn) -> int:
-    from torch.profiler import profile
-
-    with profile(profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for event in prof.profiler.kineto_results.events():
-        if event.name() == "[memory]":
-            live += event.nbytes()
-            peak = max(peak, live)
-    return peak
 
 
 def build(name: str, size: int) -> torch.nn.Module:
@@ -100,9 +88,9 @@ def main() -> None:
         if variant == "unpatched":
             reference = out
         err = None if reference is None else ((out - reference).abs().max() / reference.abs().max()).item()
-        forms = sorted({f"{t.backend}: {t.structure[1]}" for m in model.modules()
+        served_as = sorted({f"{t.backend}: {t.structure[1]}" for m in model.modules()
                         if (r := routing_of(m)) for t in r.tallies() if t.structure})
-        results[variant] = {"error": err, "peak_mb": peak_growth(forward) / 2**20, "times": [], "forms": forms}
+        results[variant] = {"error": err, "peak_mb": peak_allocated_bytes(forward) / 2**20, "times": [], "forms": served_as}
         del out
     for _ in range(args.repeats):
         for variant in variants:

@@ -24,6 +24,21 @@ from .models import check_runs, example_input, features, relative_error
 UNPATCHED = "unpatched"
 
 
+def peak_allocated_bytes(fn: Callable[[], Any]) -> int:
+    """The most memory torch held at once while ``fn()`` ran, above what it held before (CPU
+    allocator events as ``torch.profiler`` records them; on CUDA use ``torch.cuda.max_memory_allocated``)."""
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in prof.profiler.kineto_results.events():
+        if event.name() == "[memory]":
+            live += event.nbytes()
+            peak = max(peak, live)
+    return peak
+
+
 @dataclass
 class Variant:
     """One row: the unpatched model or one backend."""

@@ -6,6 +6,7 @@ import torch._dynamo.utils
 
 import attnswap
 from attnswap.backends import eager_attention, get_backend
+from attnswap.bench import peak_allocated_bytes
 from attnswap.routing import Policy, Router
 from conftest import rand
 from versions import FLEX_ON_CPU, FLEX_ON_CPU_IN_GRAPH, needs_flex_on_cpu
@@ -123,21 +124,6 @@ def test_flex_on_cpu_refused_before_torch_2_6_with_the_version():
     assert bool(version_reasons) is not FLEX_ON_CPU, reasons
 
 
-def _peak_allocated_bytes(fn) -> int:
-    """Largest amount of memory live at once during ``fn()``, above what was live before (CPU
-    allocations as the profiler records them)."""
-    from torch.profiler import profile
-
-    with profile(profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for event in prof.profiler.kineto_results.events():
-        if event.name() == "[memory]":
-            live += event.nbytes()
-            peak = max(peak, live)
-    return peak
-
-
 @needs_flex_on_cpu
 @pytest.mark.parametrize("biased", [False, True], ids=["plain", "bias"])
 def test_flex_scratch_is_not_sequence_squared(biased):
@@ -151,8 +137,8 @@ def test_flex_scratch_is_not_sequence_squared(biased):
     with torch.no_grad():
         out = router(q, k, v, attn_mask=bias)  # compiles
         torch.testing.assert_close(out, eager_attention(q, k, v, attn_mask=bias), atol=2e-5, rtol=2e-5)
-        flex_peak = _peak_allocated_bytes(lambda: router(q, k, v, attn_mask=bias))
-        sdpa_peak = _peak_allocated_bytes(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+        flex_peak = peak_allocated_bytes(lambda: router(q, k, v, attn_mask=bias))
+        sdpa_peak = peak_allocated_bytes(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias))
     n_squared = n * n * 4
     assert flex_peak < 2 * sdpa_peak + n_squared // 8, (flex_peak, sdpa_peak)
 
