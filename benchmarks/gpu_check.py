@@ -10,7 +10,11 @@
    SDPA under ``sdpa_kernel`` for the same kernel, bitwise, forward and backward, over masks,
    causal, GQA, padded head dims and dtypes: the direct recipes were read from PyTorch's source
    and checked on CPU; this is where the CUDA ones are checked.
-4. End to end: timm models in bf16 (inference) patched with each backend, and with ``auto``,
+4. Structured biases: each backend on a decomposed relative-position bias (SAM ViT's) and on a
+   key-padding mask (NaFlexViT's), carried as structure: the form it took (from its parts, head
+   dim extended, per sequence, materialized), numerics against float64, and for the SAM global
+   layer shape time and peak memory against SDPA with timm's materialized bias.
+5. End to end: timm models in bf16 (inference) patched with each backend, and with ``auto``,
    against the same model unpatched, in the same process: images/s, speedup, relative error,
    fallbacks.
 
@@ -379,6 +383,102 @@ def pinned_vs_sdpa_kernel(device: torch.device, clock: Clock) -> list[dict]:
     return rows
 
 
+def structured(backends, device: torch.device, clock: Clock, smoke: bool) -> list[dict]:
+    """Decomposed rel-pos and key padding, carried as structure, through each backend."""
+    from attnswap.structure import DecomposedRelPos
+    from attnswap.structure.padding import KeyPadding
+
+    def r(*shape, dtype, seed, grad=False, scale=1.0):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
+
+    grid = (8, 8) if smoke else (32, 32)
+    n = grid[0] * grid[1]
+    lengths = [n, n // 3, n // 8, 5]
+    rows = []
+    for name in backends:
+        for kind in ("decomposed_rel_pos", "key_padding"):
+            for dtype in (torch.bfloat16, torch.float32):
+                if clock.left() <= 0:
+                    rows.append(dict(backend=name, kind=kind, status="skipped: time budget"))
+                    continue
+                row = dict(backend=name, kind=kind, dtype=str(dtype)[6:])
+                heads = 4
+                q, k, v = (r(len(lengths), heads, n, 64, dtype=dtype, seed=i, grad=True) for i in range(3))
+                if kind == "decomposed_rel_pos":
+                    rel_h = r(len(lengths), heads, n, grid[0], dtype=dtype, seed=4, scale=2.0)
+                    rel_w = r(len(lengths), heads, n, grid[1], dtype=dtype, seed=5, scale=2.0)
+                    structure = DecomposedRelPos(rel_h, rel_w)
+                    dense = (rel_h.double()[..., :, None] + rel_w.double()[..., None, :]).flatten(-2)
+                else:
+                    valid = torch.zeros(len(lengths), n, dtype=torch.bool, device=device)
+                    for b, length in enumerate(lengths):
+                        valid[b, :length] = True
+                    keep = valid[:, None, :, None] & valid[:, None, None, :]
+                    dense = torch.zeros(keep.shape, dtype=torch.float64, device=device).masked_fill(~keep, torch.finfo(dtype).min)
+                    structure = KeyPadding(valid, True, n, dtype, lambda d=dense, t=dtype: d.to(t))
+                try:
+                    router = router_for(name, "structured")
+                    out = router.route(q, k, v, attn_mask=structure)
+                    grad = r(*out.shape, dtype=dtype, seed=6)
+                    out.backward(grad)
+                    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+                    # the math kernel: on padded (fully masked) rows PyTorch's CPU flash kernel returns L
+                    # times softmax's gradient (tests/structure/test_padding.py); math gives the gradient
+                    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                    with sdpa_kernel([SDPBackend.MATH]):
+                        ref = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=dense)
+                    ref.backward(grad.double())
+                    row["form"] = router.tallies()[0].structure[1]
+                    row["fwd_rel_err"] = rel(out.detach(), ref.detach())
+                    row["bwd_rel_err"] = max(rel(a.grad, b.grad) for a, b in zip((q, k, v), (qd, kd, vd)))
+                    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+                    row["within_tolerance"] = row["fwd_rel_err"] <= tol and row["bwd_rel_err"] <= tol * 3
+                    row["status"] = "ok"
+                except attnswap.UnsupportedCall as exc:
+                    row["status"] = refusal(exc)
+                except Exception as exc:  # noqa: BLE001 - a failure is a finding
+                    row["status"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+                rows.append(row)
+    # SAM global layer (12 heads, 64x64 grid, batch 1): time and peak memory, bf16 forward
+    grid = (8, 8) if smoke else (64, 64)
+    n = grid[0] * grid[1]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (r(12, n, 64, dtype=dtype, seed=i) for i in range(3))
+    rel_h, rel_w = r(12, n, grid[0], dtype=dtype, seed=4), r(12, n, grid[1], dtype=dtype, seed=5)
+
+    def timm_way():
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    variants = {"unpatched (timm builds the bias)": timm_way}
+    for name in backends:
+        router = router_for(name, "sam")
+        variants[name] = lambda router=router: router.route(q, k, v, attn_mask=DecomposedRelPos(rel_h, rel_w))
+    for name, fn in variants.items():
+        if clock.left() <= 0:
+            rows.append(dict(backend=name, kind="SAM global layer", status="skipped: time budget"))
+            continue
+        row = dict(backend=name, kind="SAM global layer", dtype=str(dtype)[6:])
+        try:
+            with torch.no_grad():
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
+                    fn()
+                    row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+                row["ms"] = median_ms(fn, device, warmup=1, repeats=5)
+            row["status"] = "ok"
+        except attnswap.UnsupportedCall as exc:
+            row["status"] = refusal(exc)
+        except Exception as exc:  # noqa: BLE001
+            row["status"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+        rows.append(row)
+    return rows
+
+
 def fmt(x, spec=".2e") -> str:
     return "" if x is None else format(x, spec)
 
@@ -414,10 +514,18 @@ def print_tables(result: dict) -> None:
           "" if "backward_bitwise" not in r else ("bitwise" if r["backward_bitwise"] else f"rel {r['backward_rel_err']:.1e}"),
           r["status"]) for r in result.get("pinned", [])],
     ))
+    print(render_table(
+        "structured biases: form taken, numerics vs float64 (decomposed rel-pos, key padding); SAM global layer speed",
+        ("backend", "kind", "dtype", "form", "forward", "backward", "ms", "peak MB", "status"),
+        [(r["backend"], r["kind"], r.get("dtype", ""), r.get("form", ""), fmt(r.get("fwd_rel_err")), fmt(r.get("bwd_rel_err")),
+          fmt(r.get("ms"), ".2f"), fmt(r.get("peak_mb"), ".0f"),
+          r["status"] + ("" if r.get("within_tolerance") is not False else " OUTSIDE TOLERANCE"))
+         for r in result.get("structured", [])],
+    ))
     verdict = result["xformers_own_verdict"]
     print(render_table("xformers' own verdict (without attnswap)", ("what", "result"),
                        [(k, str(v)[:200]) for k, v in verdict.items()]))
-    bad = [r for r in result["numerics"] if r.get("within_tolerance") is False]
+    bad = [r for r in (*result["numerics"], *result.get("structured", [])) if r.get("within_tolerance") is False]
     best = {}
     for r in result["models"]:
         if r.get("status") == "ok" and r["backend"] != "unpatched" and not r.get("fallbacks"):
@@ -425,7 +533,7 @@ def print_tables(result: dict) -> None:
                 best[r["model"]] = r
     print(render_table(
         "summary", ("what", "result"),
-        [("numerics outside tolerance", str(len(bad)) + (": " + ", ".join(f"{r['backend']}/{r['case']}/{r['dtype']}" for r in bad[:8]) if bad else "")),
+        [("numerics outside tolerance", str(len(bad)) + (": " + ", ".join(f"{r['backend']}/{r.get('case', r.get('kind'))}/{r['dtype']}" for r in bad[:8]) if bad else "")),
          ("pinned direct calls not bitwise SDPA", ", ".join(
              f"{r['backend']}/{r['case']}/{r['dtype']}" for r in result.get("pinned", []) if r.get("forward_bitwise") is False
          ) or "none"),
@@ -459,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     section = Clock(args.budget * 0.25)
     result["numerics"] = check_numerics(backends, all_cases, device, section)
     result["pinned"] = pinned_vs_sdpa_kernel(device, Clock(min(30.0, clock.left())))
+    result["structured"] = structured(backends, device, Clock(min(45.0, clock.left())), args.smoke)
     result["matmul_tflops"] = matmul_tflops(device, args.smoke)
     section = Clock(min(args.budget * 0.25, clock.left()))
     timed = [b for b in backends if b != "eager"] if not args.smoke else backends
@@ -472,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, f, indent=1, default=str)
     print_tables(result)
     print(f"full results: {args.out}")
-    return 1 if any(r.get("within_tolerance") is False for r in result["numerics"]) else 0
+    return 1 if any(r.get("within_tolerance") is False for r in (*result["numerics"], *result["structured"])) else 0
 
 
 if __name__ == "__main__":

@@ -27,6 +27,14 @@ def test_gpu_check_smoke_writes_every_section(tmp_path, capsys):
         flash = [r for k, r in pinned.items() if k[0] == "sdpa_flash" and r["status"] == "ok"]
         assert len(flash) >= 15 and all(r["forward_bitwise"] and r["backward_bitwise"] for r in flash), flash
         assert pinned[("sdpa_cudnn", "-", None)]["status"] == "no direct recipe on cpu"
+    forms = {(r["backend"], r["kind"], r.get("dtype")): r for r in result["structured"]}
+    for backend in ("sdpa", "eager"):
+        for kind in ("decomposed_rel_pos", "key_padding"):
+            row = forms[(backend, kind, "float32")]
+            assert row["status"] == "ok" and row["within_tolerance"], row
+    if result["environment"]["device"] == "cpu":
+        assert forms[("sdpa", "key_padding", "float32")]["form"] == "per sequence, padding dropped"
+    assert forms[("sdpa", "SAM global layer", "float32")]["status"] == "ok"
     verdict = result["xformers_own_verdict"]
     try:
         import xformers.ops  # noqa: F401
@@ -41,3 +49,4 @@ def test_gpu_check_smoke_writes_every_section(tmp_path, capsys):
     assert "xformers' own verdict" in printed
     assert printed.index("numerics vs float32 math") < printed.index("summary")
     assert "direct operator call vs SDPA under sdpa_kernel" in printed
+    assert "structured biases" in printed

@@ -7,6 +7,10 @@ Three forms, decided once per call signature with the backend:
 - **per sequence**: a key-padding mask is dropped and each sequence of the batch runs on its
   valid tokens only (no mask at all, so even kernels without mask support take it); padded
   query rows get what the masked call gives them;
+- **head dim extended** (decomposed relative position, for kernels that take no bias):
+  ``q' = [q·scale, rel_h, rel_w]``, ``k' = [k, onehot(key row), onehot(key column)]``, scale 1;
+  ``q'·k'ᵀ`` is exactly the scaled scores plus the bias, so the plain kernel computes the biased
+  attention (v zero-padded to the new head dim where the kernel needs equal head dims);
 - **materialized**: the backend gets exactly the tensor the module would have built, whole,
   or a slice of query rows at a time when it is larger than :data:`MATERIALIZE_BUDGET`.
 """
@@ -20,6 +24,7 @@ import torch
 
 from .backends.base import Backend
 from .call import MASK_NONE, CallFacts
+from .structure.decomposed import KIND as DECOMPOSED
 from .structure.padding import KIND as KEY_PADDING
 
 _Tensor = torch.Tensor
@@ -34,6 +39,10 @@ FORM_PARTS = "from its parts"
 FORM_SEQUENCES = "per sequence, padding dropped"
 FORM_WHOLE = "materialized"
 FORM_ROWS = "materialized by query rows"
+FORM_EXTENDED = "head dim extended by its factors"
+FORM_EXTENDED_PAD_V = "head dim extended by its factors, v padded"
+#: extended head dims are rounded up to this (kernels want multiples of 8; zeros change no score)
+HEAD_DIM_ALIGN = 8
 
 Reasons = Callable[[Backend, CallFacts], "tuple[list[str], bool]"]
 
@@ -46,6 +55,15 @@ def choose(backend: Backend, facts: CallFacts, reasons: Reasons) -> tuple[list[s
         return (*reasons(backend, facts), None)
     if kind in backend.structures and not backend.structure_reasons(facts):
         return (*reasons(backend, facts), FORM_PARTS)
+    if kind == DECOMPOSED:
+        tensor_reasons, reshape = reasons(backend, facts)
+        if not tensor_reasons:
+            return tensor_reasons, reshape, _materialized(facts)
+        for form in (FORM_EXTENDED, FORM_EXTENDED_PAD_V):  # only for kernels that cannot take the bias
+            extended = kernel_facts(facts, form)
+            if extended is not None and not reasons(backend, extended)[0]:
+                return [], reasons(backend, extended)[1], form
+        return tensor_reasons, reshape, _materialized(facts)
     sequence = per_sequence_facts(facts)
     if sequence is not None and not backend.compiles_per_shape:
         seq_reasons, _ = reasons(backend, sequence)
@@ -61,6 +79,38 @@ def choose(backend: Backend, facts: CallFacts, reasons: Reasons) -> tuple[list[s
 
 def _materialized(facts: CallFacts) -> str:
     return FORM_WHOLE if row_slice(facts) is None else FORM_ROWS
+
+
+def kernel_facts(facts: CallFacts, form: str | None) -> CallFacts | None:
+    """The facts of the call the kernel itself receives when the bias reaches it in ``form``
+    (None when the call cannot take that form)."""
+    if form == FORM_SEQUENCES:
+        return per_sequence_facts(facts)
+    if form in (FORM_EXTENDED, FORM_EXTENDED_PAD_V):
+        return extended_facts(facts, pad_v=form == FORM_EXTENDED_PAD_V)
+    return facts
+
+
+def extended_head_dim(facts: CallFacts) -> int:
+    kh, kw = facts.structure[1]
+    e = facts.head_dim + kh + kw
+    return -(-e // HEAD_DIM_ALIGN) * HEAD_DIM_ALIGN
+
+
+def extended_facts(facts: CallFacts, pad_v: bool) -> CallFacts | None:
+    """The facts of a decomposed rel-pos call with its bias folded into the head dim."""
+    if facts.structure_kind != DECOMPOSED or facts.is_causal or facts.kv_len != facts.structure[1][0] * facts.structure[1][1]:
+        return None
+    e = extended_head_dim(facts)
+    if pad_v and facts.v_head_dim > e:
+        return None
+    return replace(
+        facts,
+        q_shape=(*facts.q_shape[:-1], e), k_shape=(*facts.k_shape[:-1], e),
+        v_shape=(*facts.v_shape[:-1], e) if pad_v else facts.v_shape,
+        mask_kind=MASK_NONE, mask_shape=None, mask_dtype=None, mask_requires_grad=False, structure=None,
+        scale=1.0, needs_grad=facts.needs_grad,
+    )
 
 
 def per_sequence_facts(facts: CallFacts) -> CallFacts | None:
@@ -100,6 +150,8 @@ def wrap(inner: Callable[..., torch.Tensor], facts: CallFacts, form: str | None)
         return inner
     if form == FORM_SEQUENCES:
         return _per_sequence(inner)
+    if form in (FORM_EXTENDED, FORM_EXTENDED_PAD_V):
+        return _extended(inner, extended_head_dim(facts), form == FORM_EXTENDED_PAD_V)
     return _materializing(inner, row_slice(facts))
 
 
@@ -133,5 +185,19 @@ def _per_sequence(inner: Callable[..., torch.Tensor]) -> Callable[..., torch.Ten
         if type(m) is _Tensor or m is None:
             return inner(q, k, v, m, d, c, scale=scale, enable_gqa=enable_gqa)
         return m.run_per_sequence(inner, q, k, v, scale=scale, enable_gqa=enable_gqa)
+
+    return run
+
+
+def _extended(inner: Callable[..., torch.Tensor], head_dim: int, pad_v: bool) -> Callable[..., torch.Tensor]:
+    def run(q, k, v, m=None, d=0.0, c=False, scale=None, enable_gqa=False):
+        if type(m) is _Tensor or m is None:
+            return inner(q, k, v, m, d, c, scale=scale, enable_gqa=enable_gqa)
+        q2, k2 = m.extend(q, k, q.shape[-1] ** -0.5 if scale is None else scale, head_dim)
+        ev = v.shape[-1]
+        if pad_v and ev != head_dim:
+            v = torch.nn.functional.pad(v, (0, head_dim - ev))
+        out = inner(q2, k2, v, None, d, c, scale=1.0, enable_gqa=enable_gqa)
+        return out[..., :ev] if out.shape[-1] != ev else out
 
     return run

@@ -129,11 +129,9 @@ def _runner(
     structured bias reaches it in ``form`` (:mod:`attnswap.forms`)."""
     if facts is None:
         run: Callable[..., torch.Tensor] = backend.kernel
-    elif form == forms.FORM_SEQUENCES:
-        seen = forms.per_sequence_facts(facts)  # each sequence's call: no mask
-        run = backend.kernel_for(seen.cast_to(cast) if cast is not None else seen)
     else:
-        seen = facts.as_4d() if reshape_4d else facts
+        seen = forms.kernel_facts(facts, form)  # the call the kernel itself gets
+        seen = seen.as_4d() if reshape_4d else seen
         run = backend.kernel_for(seen.cast_to(cast) if cast is not None else seen)
     if isinstance(backend, FunctionBackend):
         run = _checked(run, backend.name, site)

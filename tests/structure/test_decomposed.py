@@ -267,3 +267,57 @@ def test_structure_repr_and_signature():
     assert isinstance(s, StructuredMask)
     assert "decomposed_rel_pos" in repr(s) and s.nbytes == 4 * 30 * 30 * 4
     assert s.signature() != DecomposedRelPos(rel_h[..., :3], torch.cat([rel_w, rel_w[..., :2]], -1)).signature()
+
+
+def _maskless(registered, name, equal_head_dims=False):
+    served = []
+
+    def kernel(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        served.append((q.shape[-1], v.shape[-1], scale))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=enable_gqa)
+
+    def supports(f):
+        out = ["no attn_mask"] if f.has_mask else []
+        if equal_head_dims and f.v_head_dim != f.head_dim:
+            out.append("v head dim must equal q/k head dim")
+        return out
+
+    registered(name, kernel, supports=supports)
+    return served
+
+
+@pytest.mark.parametrize("equal_head_dims", [False, True], ids=["v as is", "v padded"])
+def test_a_kernel_without_bias_support_computes_decomposed_rel_pos_exactly(registered, equal_head_dims):
+    served = _maskless(registered, "nobias", equal_head_dims)
+    q, k, v, rel_h, rel_w = _call(requires_grad=True, grid=(6, 5), dim=8)
+    router = Router(Policy("nobias", (), True), site="t")
+    out = router.route(q, k, v, attn_mask=DecomposedRelPos(rel_h, rel_w), scale=0.3)
+    form = forms.FORM_EXTENDED_PAD_V if equal_head_dims else forms.FORM_EXTENDED
+    assert router.tallies()[0].structure == ("decomposed_rel_pos", form)
+    e = 8 + 6 + 5
+    aligned = -(-e // 8) * 8
+    assert served == [(aligned, aligned if equal_head_dims else 8, 1.0)]
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, rel_h, rel_w))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v, rel_h, rel_w))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(attnswap.UnsupportedCall):  # the same bias as a tensor: refused, as before
+        router.route(q, k, v, attn_mask=bias)
+
+
+def test_samvit_on_a_kernel_without_bias_support_matches_unpatched(registered):
+    _maskless(registered, "nobias_sam", equal_head_dims=True)
+    model, x = _samvit()
+    ref_model = copy.deepcopy(model)
+    ref = features(ref_model, x)
+    ref.square().sum().backward()
+    attnswap.patch(model, backend="nobias_sam", strict=True)
+    out = features(model, x)
+    torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-11)
+    out.square().sum().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-8, atol=1e-11, msg=name)
+    assert set(attnswap.stats(model).structures()) == {("decomposed_rel_pos", "nobias_sam", forms.FORM_EXTENDED_PAD_V)}

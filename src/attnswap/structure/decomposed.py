@@ -54,6 +54,27 @@ class DecomposedRelPos(StructuredMask):
     def layout(self) -> tuple:
         return (KIND, self.grid)
 
+    def extend(self, q: torch.Tensor, k: torch.Tensor, scale: float, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q' = [q·scale, rel_h, rel_w, 0…]`` and ``k' = [k, onehot(j // kw), onehot(j % kw), 0…]``
+        with ``head_dim`` columns: ``q'·k'ᵀ = q·kᵀ·scale + bias`` exactly (each key's one-hots pick
+        its row's and its column's factor), so a kernel without bias support computes the biased
+        attention at scale 1."""
+        kh, kw = self.grid
+        n = kh * kw
+        keys = torch.arange(n, device=k.device)
+        onehot = torch.zeros(n, head_dim - k.shape[-1], dtype=k.dtype, device=k.device)
+        onehot[keys, keys // kw] = 1
+        onehot[keys, kh + keys % kw] = 1
+        rel = torch.cat([self.rel_h, self.rel_w], dim=-1).to(q.dtype)
+        lead = torch.broadcast_shapes(q.shape[:-2], rel.shape[:-2])
+        pad = head_dim - q.shape[-1] - kh - kw
+        parts = [(q * scale).expand(*lead, *q.shape[-2:]), rel.expand(*lead, *rel.shape[-2:])]
+        if pad:
+            parts.append(q.new_zeros(*lead, q.shape[-2], pad))
+        q2 = torch.cat(parts, dim=-1)
+        k2 = torch.cat([k, onehot.expand(*k.shape[:-2], n, onehot.shape[-1])], dim=-1)
+        return q2, k2
+
     def detached(self) -> DecomposedRelPos:
         return DecomposedRelPos(*(f.detach().requires_grad_(f.requires_grad) for f in (self.rel_h, self.rel_w)))
 
