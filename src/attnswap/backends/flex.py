@@ -32,6 +32,7 @@ from packaging.version import Version
 from ..call import CallFacts
 from ..errors import BackendRefused
 from ..structure.decomposed import KIND as DECOMPOSED, DecomposedRelPos
+from ..structure.table import KIND as TABLE, TableGather
 from .base import Backend, Limits
 
 _LOW = frozenset({torch.float32, torch.float16, torch.bfloat16})
@@ -116,6 +117,18 @@ def _with_decomposed(query, key, value, rel_h, rel_w, scale, enable_gqa):
     )
 
 
+def _with_table(query, key, value, table, index, scale, enable_gqa):
+    """A bias gathered from its table per score: ``table[index[q · Nk + kv], h]``; no N×N tensor."""
+    flex_attention, _ = _flex()
+    kv_len = key.size(-2)
+
+    def add_table(score, b, h, q_idx, kv_idx):
+        return score + table[index[q_idx * kv_len + kv_idx], h]
+
+    block_mask = full_block_mask(query.size(-2), kv_len, query.device)
+    return flex_attention(query, key, value, score_mod=add_table, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
 def _with_bool_mask(query, key, value, mask, scale, enable_gqa):
     flex_attention, create_block_mask = _flex()
     # The kernel reads the mask at every (b, h) of the call, so it is indexed expanded (a view);
@@ -180,7 +193,7 @@ class FlexBackend(Backend):
         backward=False,
     )
     _cuda = Limits(dtypes=_LOW, ndims=frozenset({4}), kv_batch_broadcast=False, dropout=False)
-    structures = frozenset({DECOMPOSED})
+    structures = frozenset({DECOMPOSED, TABLE})
     compiles_per_shape = True
 
     def __init__(self) -> None:
@@ -251,6 +264,8 @@ class FlexBackend(Backend):
                 f.to(query.dtype).expand(b, h, lq, f.size(-1)) for f in (attn_mask.rel_h, attn_mask.rel_w)
             )
             variant, extra = _with_decomposed, (rel_h, rel_w)
+        elif isinstance(attn_mask, TableGather):
+            variant, extra = _with_table, (attn_mask.table.to(query.dtype), attn_mask.index)
         else:
             b, h, lq, lk = query.size(0), query.size(1), query.size(2), key.size(2)
             mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))

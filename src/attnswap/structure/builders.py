@@ -52,6 +52,8 @@ class Builder:
 
 
 _builders: dict[str, Builder] = {}
+#: (class target, method name) -> Builder for methods that build a bias
+_method_builders: dict[tuple[str, str], Builder] = {}
 _replacements: dict[Callable, Callable | None] = {}
 _loaded: set[str] = set()
 _lock = threading.RLock()
@@ -65,6 +67,46 @@ def register_builder(target: str, fingerprint: str, kind: str, make: Callable[[C
     with _lock:
         _builders[target] = Builder(target, fingerprint, kind, make)
         _replacements.clear()
+
+
+def register_method_builder(cls_target: str, method: str, fingerprint: str, kind: str, make: Callable[[Callable], Callable]) -> None:
+    """Give patched instances of the class named ``cls_target`` (``module.qualname``) a
+    ``method`` that returns ``kind`` structures: ``make(original_method)``, used only while the
+    class's own ``method`` has this ``fingerprint``."""
+    with _lock:
+        _method_builders[(cls_target, method)] = Builder(f"{cls_target}.{method}", fingerprint, kind, make)
+
+
+def method_replacements_for(cls: type) -> dict[str, tuple[Callable, str]]:
+    """Methods of ``cls`` (or the classes it inherits them from) to replace with structured
+    builders: name -> (replacement, kind)."""
+    out: dict[str, tuple[Callable, str]] = {}
+    module = getattr(cls, "__module__", "") or ""
+    with _lock:
+        _load_room(module)
+        for klass in cls.__mro__:
+            _load_room(getattr(klass, "__module__", "") or "")
+            target = _target(klass)
+            for (cls_target, method), builder in _method_builders.items():
+                if cls_target != target or method in out or method not in vars(klass):
+                    continue
+                fn = vars(klass)[method]
+                if getattr(cls, method, None) is not fn:
+                    continue  # overridden below it: not the code the builder knows
+                key = ("method", fn)
+                if key not in _replacements:
+                    made = None
+                    if fingerprint(fn) == builder.fingerprint:
+                        made = functools.wraps(fn)(builder.make(fn))
+                    else:
+                        skipped[builder.target] = (
+                            f"{builder.target} differs from the code attnswap's structured form was written for: "
+                            "its bias is built as a tensor"
+                        )
+                    _replacements[key] = made
+                if _replacements[key] is not None:
+                    out[method] = (_replacements[key], builder.kind)
+    return out
 
 
 def fingerprint(fn: Callable) -> str | None:

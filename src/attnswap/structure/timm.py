@@ -13,9 +13,10 @@ from typing import Callable
 
 import torch
 
-from .builders import register_builder
+from .builders import register_builder, register_method_builder
 from .decomposed import KIND as DECOMPOSED, DecomposedRelPos
 from .padding import KIND as KEY_PADDING, KeyPadding
+from .table import KIND as TABLE, TableGather
 
 _Tensor = torch.Tensor
 _is_compiling = torch.compiler.is_compiling
@@ -67,3 +68,22 @@ def _naflex_padding(original: Callable) -> Callable:
 
 
 register_builder("timm.models.naflexvit.create_attention_mask", "6695476321fec45b", KEY_PADDING, _naflex_padding)
+
+
+def _table_bias(original: Callable) -> Callable:
+    """BEiT's and Swin's ``_get_rel_pos_bias(self)``: ``table[index].view(N, N, H).permute(2, 0, 1)
+    .unsqueeze(0)`` (``N = window_area``, BEiT with its cls row and column)."""
+
+    def _get_rel_pos_bias(self):
+        table = self.relative_position_bias_table
+        if type(table) is not torch.nn.Parameter and type(table) is not _Tensor or _is_compiling():
+            return original(self)
+        index = self.relative_position_index.view(-1)
+        n = int(round(index.numel() ** 0.5))
+        return TableGather(table, index, n, n, lambda: original(self))
+
+    return _get_rel_pos_bias
+
+
+register_method_builder("timm.models.beit.Attention", "_get_rel_pos_bias", "df2d13ed525b1fff", TABLE, _table_bias)
+register_method_builder("timm.models.swin_transformer.WindowAttention", "_get_rel_pos_bias", "b08f95a866a73b33", TABLE, _table_bias)

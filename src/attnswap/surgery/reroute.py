@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..errors import NotScriptable
 from ..routing import ROUTE_METHOD, ROUTER_ATTR, UNROUTED
 from ..structure import replacement_for
-from ..structure.builders import builder_names
+from ..structure.builders import builder_names, method_replacements_for
 from . import manual, mha
 from .source import NotRewritable, compile_like, local_names, parse_method, resolve, self_name
 
@@ -254,6 +254,12 @@ def _analyze(cls: type) -> ClassRewrite | None:
         if found is not None:
             methods[name] = found[0]
             structures.extend(k for k in found[3] if k not in structures)
+    for name, (replacement, kind) in method_replacements_for(cls).items():
+        # a method that builds a bias (BEiT's _get_rel_pos_bias): only where its result reaches a
+        # rerouted SDPA call of this class, or the class computes no attention at all
+        if name not in methods and (calls or not (methods or softmax_methods)):
+            methods[name] = replacement
+            structures.extend(k for k in (kind,) if k not in structures)
     if not methods:
         return ClassRewrite(cls, left_alone=not_followed) if not_followed else None
     return ClassRewrite(
