@@ -144,7 +144,8 @@ def test_cpu_backends_on_avx2_code_paths_are_never_wrong():
 @pytest.mark.slow
 @pytest.mark.skipif(not FLEX_ON_CPU, reason="flex_attention on CPU needs torch >= 2.6")
 def test_flex_is_never_wrong_in_random_calls():
-    # each signature compiles (~5 s here), so 24 signatures each get several calls with new values
-    report = fuzz("flex", calls=200, dtypes=(torch.float32,), specs=24, seed=16)
+    # each signature compiles (~5 s here), so 12 signatures each get several calls with new values
+    # (the kernel's shape rule itself is swept by tests/backends/test_flex_cpu_kernel.py)
+    report = fuzz("flex", calls=120, dtypes=(torch.float32,), specs=12, seed=16)
     assert not report.wrong, "\n".join(map(str, report.wrong[:10]))
-    assert report.served > 50, report.as_dict()
+    assert report.served > 30, report.as_dict()
