@@ -1,4 +1,4 @@
-"""Table-gather biases (BEiT, Swin v1): the table and its index travel instead of the
+"""Table-gather biases (BEiT, Swin v1, MaxViT's RelPosBias): the table and its index travel instead of the
 [1, H, N, N] bias; flex gathers per score, every other backend gets timm's tensor."""
 
 from __future__ import annotations
@@ -17,29 +17,37 @@ from versions import needs_flex_on_cpu
 
 beit = pytest.importorskip("timm.models.beit")
 swin = pytest.importorskip("timm.models.swin_transformer")
+pos_embed_rel = pytest.importorskip("timm.layers.pos_embed_rel")
 
-METHODS = [(beit.Attention, "beit"), (swin.WindowAttention, "swin")]
+#: family -> (class that builds the bias, its builder method)
+BUILDERS = {
+    "beit": (beit.Attention, "_get_rel_pos_bias"),
+    "swin": (swin.WindowAttention, "_get_rel_pos_bias"),
+    "maxvit": (pos_embed_rel.RelPosBias, "get_bias"),
+}
 
 
-@pytest.mark.parametrize("cls,family", METHODS, ids=["beit", "swin"])
-def test_pinned_timm_methods_match_their_fingerprints(cls, family):
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_pinned_timm_methods_match_their_fingerprints(family):
+    cls, method = BUILDERS[family]
     target = f"{cls.__module__}.{cls.__qualname__}"
-    assert "_get_rel_pos_bias" in builders.method_replacements_for(cls)  # (loads timm's room)
-    known = builders._method_builders[(target, "_get_rel_pos_bias")].fingerprint
-    assert builders.fingerprint(cls._get_rel_pos_bias) == known
+    assert method in builders.method_replacements_for(cls)  # (loads timm's room)
+    known = builders._method_builders[(target, method)].fingerprint
+    assert builders.fingerprint(getattr(cls, method)) == known
 
 
-@pytest.mark.parametrize("family", ["beit", "swin"])
+@pytest.mark.parametrize("family", list(BUILDERS))
 def test_structure_materializes_exactly_timms_bias_and_gathers_the_same_values(family):
+    cls, method = BUILDERS[family]
     model, _ = build(family)
-    attn = next(m for m in model.modules() if hasattr(m, "_get_rel_pos_bias"))
-    expected = type(attn)._get_rel_pos_bias(attn)
-    replacement, kind = builders.method_replacements_for(type(attn))["_get_rel_pos_bias"]
+    attn = next(m for m in model.modules() if type(m) is cls)
+    expected = getattr(cls, method)(attn)
+    replacement, kind = builders.method_replacements_for(cls)[method]
     structure = replacement(attn)
     assert kind == "table_gather" and isinstance(structure, TableGather)
     assert structure.shape == expected.shape and structure.requires_grad == expected.requires_grad
     with torch.no_grad():
-        assert not replacement(attn).requires_grad and not type(attn)._get_rel_pos_bias(attn).requires_grad
+        assert not replacement(attn).requires_grad and not getattr(cls, method)(attn).requires_grad
     n = structure.shape[-1]
     gathered = structure.table[structure.index].view(n, n, -1).permute(2, 0, 1)
     assert torch.equal(gathered, expected[0]), "the rule flex uses: table[index[q * N + kv], h]"
@@ -47,7 +55,7 @@ def test_structure_materializes_exactly_timms_bias_and_gathers_the_same_values(f
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager", "sdpa_math"])
-@pytest.mark.parametrize("family", ["beit", "swin"])
+@pytest.mark.parametrize("family", list(BUILDERS))
 def test_forward_and_table_gradients_match_unpatched(family, backend):
     model, x = build(family, torch.float64)
     ref_model = copy.deepcopy(model)
@@ -82,7 +90,7 @@ def test_a_shifted_swin_window_adds_its_mask_to_the_tensor():
 
 
 @needs_flex_on_cpu
-@pytest.mark.parametrize("family", ["beit", "swin"])
+@pytest.mark.parametrize("family", list(BUILDERS))
 def test_flex_gathers_from_the_table(family):
     model, x = build(family)
     for m in model.modules():

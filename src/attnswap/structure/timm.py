@@ -71,8 +71,9 @@ register_builder("timm.models.naflexvit.create_attention_mask", "6695476321fec45
 
 
 def _table_bias(original: Callable) -> Callable:
-    """BEiT's and Swin's ``_get_rel_pos_bias(self)``: ``table[index].view(N, N, H).permute(2, 0, 1)
-    .unsqueeze(0)`` (``N = window_area``, BEiT with its cls row and column)."""
+    """BEiT's and Swin's ``_get_rel_pos_bias(self)`` and ``RelPosBias.get_bias(self)`` (MaxViT,
+    CoAtNet, MaxxViT, GCViT's ``rel_pos_type='bias'``): ``table[index].view(N, N, H).permute(2, 0, 1)
+    .unsqueeze(0)``, N the window area plus any prefix tokens (BEiT's cls row and column)."""
 
     def _get_rel_pos_bias(self):
         table = self.relative_position_bias_table
@@ -87,3 +88,4 @@ def _table_bias(original: Callable) -> Callable:
 
 register_method_builder("timm.models.beit.Attention", "_get_rel_pos_bias", "df2d13ed525b1fff", TABLE, _table_bias)
 register_method_builder("timm.models.swin_transformer.WindowAttention", "_get_rel_pos_bias", "b08f95a866a73b33", TABLE, _table_bias)
+register_method_builder("timm.layers.pos_embed_rel.RelPosBias", "get_bias", "fe4131930fdc3039", TABLE, _table_bias)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 from ..call import broadcast
+from ..structure.base import StructuredMask
 
 _Tensor = torch.Tensor
 _SOFTMAX_FUNCS = frozenset({F.softmax, torch.softmax, _Tensor.softmax})
@@ -232,6 +233,8 @@ class Lazy:
         return self.settle().device if self.sym is None else self.sym.device
 
     def _binary(self, op: Callable, other: Any, reflected: bool) -> Any:
+        if isinstance(other, StructuredMask):  # a bias carried as structure: here, its tensor
+            other = other._outside("hand-written attention")
         args = (other, self) if reflected else (self, other)
         if self.sym is not None and self._value is None:
             out = self._symbolic_binary(op, other, reflected)
