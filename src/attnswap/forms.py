@@ -44,6 +44,7 @@ FORM_EXTENDED_PAD_V = "head dim extended by its factors, v padded"
 #: extended head dims are rounded up to this (kernels want multiples of 8; zeros change no score)
 HEAD_DIM_ALIGN = 8
 
+#: how a backend's reasons are asked (the router's wraps a user's ``supports`` errors)
 Reasons = Callable[[Backend, CallFacts], "tuple[list[str], bool]"]
 
 
@@ -108,8 +109,7 @@ def extended_facts(facts: CallFacts, pad_v: bool) -> CallFacts | None:
         facts,
         q_shape=(*facts.q_shape[:-1], e), k_shape=(*facts.k_shape[:-1], e),
         v_shape=(*facts.v_shape[:-1], e) if pad_v else facts.v_shape,
-        mask_kind=MASK_NONE, mask_shape=None, mask_dtype=None, mask_requires_grad=False, structure=None,
-        scale=1.0, needs_grad=facts.needs_grad,
+        mask_kind=MASK_NONE, mask_shape=None, mask_dtype=None, mask_requires_grad=False, structure=None, scale=1.0,
     )
 
 

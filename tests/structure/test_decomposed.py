@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attnswap
-from attnswap import forms, routing
+from attnswap import forms
 from attnswap.backends import eager_attention
 from attnswap.routing import Policy, Router
 from attnswap.structure import DecomposedRelPos, StructuredMask, replacement_for

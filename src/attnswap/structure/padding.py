@@ -81,7 +81,7 @@ class KeyPadding(StructuredMask):
         ``exp(finfo.min - max) = 0`` weight there). A row whose keys are all masked (a padded
         query of a symmetric mask, or a sequence without valid tokens) gets what SDPA gives it
         with ``finfo.min``: every score equal, so the mean of v over all keys."""
-        q_len, length = q.shape[-2], self.shape[-1]
+        length = self.shape[-1]
         outs = []
         for b, sel in enumerate(self.selections()):
             qb, kb, vb = q[b : b + 1], k[b : b + 1], v[b : b + 1]
