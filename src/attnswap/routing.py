@@ -26,12 +26,12 @@ from typing import Any, Callable
 
 import torch
 
+from . import forms
 from .auto import AUTO, TUNER, UNTUNED_DEFAULT
 from .backends import registry
 from .backends.base import Backend, FunctionBackend, dtype_name
 from .call import DTYPE_NAMES, DTYPES, CallFacts, broadcast, facts_from_key, facts_key, facts_of, to_4d
 from .errors import AttnSwapError, BackendRefused, UnsupportedCall
-from . import forms
 from .structure.base import StructuredMask
 
 logger = logging.getLogger("attnswap")
