@@ -58,6 +58,11 @@ def calls(draw, max_len=12):
 #: max error relative to the output's scale, per dtype the call runs in (float64 reference).
 #: Half precision: a few units of its last place after the softmax and the sum over keys.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+#: ``eager`` in half precision computes its scores and softmax in that dtype, as timm's own
+#: non-fused path does (SDPA's kernels accumulate in float32): a score's rounding error is
+#: relative to the score, so large scores move the weights by a few percent in bfloat16
+#: (``attnswap fuzz``: up to ~5%, BENCHMARKS.md). Its bound is that arithmetic's, not a kernel's.
+EAGER_HALF_TOLERANCE = {torch.bfloat16: 1e-1, torch.float16: 1.5e-2}
 
 
 def check(backend, call, dtype):
@@ -75,7 +80,7 @@ def check(backend, call, dtype):
         return
     assert out.shape == expected.shape and out.dtype == dtype
     scale = expected.abs().max().clamp_min(1.0)
-    tol = TOLERANCE[dtype]
+    tol = EAGER_HALF_TOLERANCE.get(dtype, TOLERANCE[dtype]) if backend == "eager" else TOLERANCE[dtype]
     err = ((out.double() - expected).abs().max() / scale).item()
     assert err < tol, f"{backend} computed something different: relative error {err:.3g}"
 
