@@ -21,9 +21,9 @@ def test_inspect_reports_calls_masks_and_decisions():
     assert not attnswap.is_patched(model)
     sites = {s.path: s for s in result.sites}
     shifted = sites["layers.1.blocks.1.attn"]
-    assert shifted.how == "SDPA call; table_gather bias as structure"
-    (call,) = shifted.calls  # its bias + shift mask: one tensor, built as timm builds it
-    assert call.passes == ["additive mask (16, 2, 49, 49)"] and call.backend == "sdpa"
+    assert shifted.how == "SDPA call; table_gather bias as structure; window_segments bias as structure"
+    (call,) = shifted.calls  # its bias + shift mask: the two parts, not their sum for every window
+    assert call.passes == ["window_segments bias (as structure) (16, 2, 49, 49)"] and call.backend == "sdpa (bias materialized)"
     assert call.fallback_reasons["sdpa_cudnn"] == ["device cpu (supported: cuda)"]
     (plain,) = sites["layers.1.blocks.0.attn"].calls
     assert plain.passes == ["table_gather bias (as structure) (1, 2, 49, 49)"], "no grad under inspect's no_grad"

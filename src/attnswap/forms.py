@@ -93,14 +93,17 @@ def kernel_facts(facts: CallFacts, form: str | None) -> CallFacts | None:
 
 
 def extended_head_dim(facts: CallFacts) -> int:
-    kh, kw = facts.structure[1]
+    kh, kw = facts.structure[1]  # (KIND, grid, prefix)
     e = facts.head_dim + kh + kw
     return -(-e // HEAD_DIM_ALIGN) * HEAD_DIM_ALIGN
 
 
 def extended_facts(facts: CallFacts, pad_v: bool) -> CallFacts | None:
     """The facts of a decomposed rel-pos call with its bias folded into the head dim."""
-    if facts.structure_kind != DECOMPOSED or facts.is_causal or facts.kv_len != facts.structure[1][0] * facts.structure[1][1]:
+    if facts.structure_kind != DECOMPOSED or facts.is_causal:
+        return None
+    (kh, kw), prefix = facts.structure[1], facts.structure[2]
+    if facts.kv_len != prefix + kh * kw:
         return None
     e = extended_head_dim(facts)
     if pad_v and facts.v_head_dim > e:

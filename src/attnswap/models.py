@@ -42,9 +42,9 @@ def load_model(spec: str, **timm_kwargs) -> torch.nn.Module:
 #: LeViT/EfficientViT projections, 1e-5 or 1e-6 for CaiT/DeiT-III/EVA layer scales), the branch
 #: barely reaches the output and any error in it is hidden from an output comparison
 _GATE = re.compile(r"(^|\.)(weight|gamma(_\d)?|scale|layer_scale\w*)$")
-#: relative-position tables timm initializes to zeros (SAM ViT, MViTv2): a zero bias would hide
-#: any error in how it is carried (attnswap.structure)
-_ZERO_TABLE = re.compile(r"(^|\.)rel_pos\w*$")
+#: relative-position tables timm initializes to zeros (SAM ViT, MViTv2, BEiT, LeViT's attention
+#: biases): a zero bias would hide any error in how it is carried (attnswap.structure)
+_ZERO_TABLE = re.compile(r"(^|\.)(rel_pos\w*|relative_position_bias_table|attention_biases)$")
 
 
 def ungate(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

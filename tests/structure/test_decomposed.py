@@ -1,4 +1,4 @@
-"""Decomposed relative position (SAM ViT): carried as its factors, materialized exactly.
+"""Decomposed relative position (SAM ViT, MViTv2): carried as its factors, materialized exactly.
 
 Issue 13: the bias reaches the router as the small factors it is built from; a backend that
 takes tensors gets exactly the tensor timm would have built (whole, or a slice of query rows
@@ -145,7 +145,7 @@ def test_row_slices_follow_the_budget():
 
     q, k, v, rel_h, rel_w = _call(dtype=torch.float32, grid=(64, 64), heads=12, dim=4)
     facts = facts_of(q, k, v, DecomposedRelPos(rel_h, rel_w))
-    assert facts.structure == ("decomposed_rel_pos", (64, 64))
+    assert facts.structure == ("decomposed_rel_pos", (64, 64), 0)
     rows = forms.row_slice(facts)  # (12, 4096, 4096) float32: 805 MB whole
     assert rows % forms.MIN_ROWS == 0 and 12 * rows * 4096 * 4 <= forms.MATERIALIZE_BUDGET
     small = facts_of(*_call(dtype=torch.float32)[:3], DecomposedRelPos(*_call(dtype=torch.float32)[3:]))
@@ -322,3 +322,194 @@ def test_samvit_on_a_kernel_without_bias_support_matches_unpatched(registered):
     for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-8, atol=1e-11, msg=name)
     assert set(attnswap.stats(model).structures()) == {("decomposed_rel_pos", "nobias_sam", forms.FORM_EXTENDED_PAD_V)}
+
+
+# -- a class token before the grid (MViTv2) ------------------------------------------------------
+
+
+def _prefixed(prefix=1, grid=(4, 3), heads=2, dim=8, requires_grad=False):
+    g = torch.Generator().manual_seed(5)
+    n = prefix + grid[0] * grid[1]
+    q, k, v = (torch.randn(2, heads, n, dim, generator=g, dtype=torch.float64, requires_grad=requires_grad) for _ in range(3))
+    rel_h = torch.randn(2, heads, n - prefix, grid[0], generator=g, dtype=torch.float64, requires_grad=requires_grad)
+    rel_w = torch.randn(2, heads, n - prefix, grid[1], generator=g, dtype=torch.float64, requires_grad=requires_grad)
+    bias = torch.nn.functional.pad((rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2), [prefix, 0, prefix, 0])
+    return q, k, v, rel_h, rel_w, bias
+
+
+def test_a_prefix_has_zero_rows_and_columns_whole_and_by_rows():
+    *_, rel_h, rel_w, bias = _prefixed(prefix=2)
+    structure = DecomposedRelPos(rel_h, rel_w, prefix=2)
+    assert structure.shape == bias.shape and structure.layout() == ("decomposed_rel_pos", (4, 3), 2)
+    for start, stop in [(0, 1), (0, 2), (1, 5), (2, 14), (5, 14), (0, 14)]:
+        assert torch.equal(structure.rows(start, stop), bias[..., start:stop, :]), (start, stop)
+    assert structure._tensor is None
+    assert torch.equal(structure.materialize(), bias)
+
+
+@pytest.mark.parametrize("equal_head_dims", [False, True], ids=["v as is", "v padded"])
+def test_a_kernel_without_bias_support_computes_a_prefixed_bias_exactly(registered, equal_head_dims):
+    _maskless(registered, "nobias_prefix", equal_head_dims)
+    q, k, v, rel_h, rel_w, bias = _prefixed(requires_grad=True)
+    router = Router(Policy("nobias_prefix", (), True), site="t")
+    out = router.route(q, k, v, attn_mask=DecomposedRelPos(rel_h, rel_w, prefix=1), scale=0.4)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.4)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, rel_h, rel_w))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v, rel_h, rel_w))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@needs_flex_on_cpu
+def test_flex_reads_prefixed_factors():
+    q, k, v, rel_h, rel_w, bias = (t.float() for t in _prefixed(heads=2, grid=(4, 4)))
+    router = Router(Policy("flex", (), True), site="t")
+    with torch.no_grad():
+        out = router.route(q, k, v, attn_mask=DecomposedRelPos(rel_h, rel_w, prefix=1))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert router.tallies()[0].structure == ("decomposed_rel_pos", forms.FORM_PARTS)
+
+
+mvitv2 = pytest.importorskip("timm.models.mvitv2")
+
+
+def test_the_pinned_mvitv2_helper_matches_the_registered_fingerprint():
+    assert builders.additive_bias_for(mvitv2.cal_rel_pos_type) is not None
+    known = builders._additive_builders["timm.models.mvitv2.cal_rel_pos_type"].fingerprint
+    assert builders.fingerprint(mvitv2.cal_rel_pos_type) == known
+
+
+def test_mvitv2_factors_are_the_term_timm_adds():
+    g = torch.Generator().manual_seed(0)
+    for has_cls, q_size, k_size in [(True, (8, 8), (4, 4)), (False, (4, 4), (8, 8)), (True, (6, 6), (6, 6))]:
+        p = int(has_cls)
+        q = torch.randn(2, 3, p + q_size[0] * q_size[1], 8, generator=g, dtype=torch.float64)
+        size = max(q_size[0], k_size[0])
+        tables = [torch.randn(2 * size - 1, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+        scores = torch.zeros(2, 3, q.shape[2], p + k_size[0] * k_size[1], dtype=torch.float64)
+        expected = mvitv2.cal_rel_pos_type(scores.clone(), q, has_cls, q_size, k_size, *tables)
+        structure = builders.additive_bias_for(mvitv2.cal_rel_pos_type)(scores, q, has_cls, q_size, k_size, *tables)
+        assert structure.prefix == p and structure.shape == expected.shape
+        assert torch.equal(structure.materialize(), expected)
+
+
+def _grads_match(model, ref_model):
+    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+        # (norm_k's bias shifts every key alike: softmax cancels it, its gradient is rounding noise
+        # around 1e-17, hence an absolute tolerance)
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager", "sdpa_math"])
+def test_mvitv2_forward_and_gradients_match_unpatched(backend):
+    model, x = build("mvitv2", torch.float64)
+    ref_model = copy.deepcopy(model)
+    ref = features(ref_model, x)
+    ref.square().sum().backward()
+    attnswap.patch(model, backend=backend, strict=True)
+    out = features(model, x)
+    torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-11)
+    out.square().sum().backward()
+    _grads_match(model, ref_model)
+    stats = attnswap.stats(model)
+    assert stats.structures() == {("decomposed_rel_pos", backend, forms.FORM_WHOLE): stats.total_calls}
+
+
+def test_mvitv2_on_a_kernel_without_bias_support_matches_unpatched(registered):
+    _maskless(registered, "nobias_mvit", equal_head_dims=True)
+    model, x = build("mvitv2", torch.float64)
+    ref_model = copy.deepcopy(model)
+    ref = features(ref_model, x)
+    ref.square().sum().backward()
+    attnswap.patch(model, backend="nobias_mvit", strict=True)
+    out = features(model, x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    out.square().sum().backward()
+    _grads_match(model, ref_model)
+    assert set(attnswap.stats(model).structures()) == {("decomposed_rel_pos", "nobias_mvit", forms.FORM_EXTENDED_PAD_V)}
+
+
+@needs_flex_on_cpu
+def test_mvitv2_on_flex_reads_factors():
+    model, x = build("mvitv2")
+    with torch.no_grad():
+        ref = features(model, x)
+        attnswap.patch(model, backend="flex", strict=True)
+        out = features(model, x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    stats = attnswap.stats(model)
+    assert stats.structures() == {("decomposed_rel_pos", "flex", forms.FORM_PARTS): stats.total_calls}
+
+
+# -- BoTNet and HaloNet: the logits PosEmbedRel adds ---------------------------------------------
+
+bottleneck_attn = pytest.importorskip("timm.layers.bottleneck_attn")
+halo_attn = pytest.importorskip("timm.layers.halo_attn")
+POS_EMBEDS = {"botnet": bottleneck_attn.PosEmbedRel, "halonet": halo_attn.PosEmbedRel}
+
+
+@pytest.mark.parametrize("family", list(POS_EMBEDS))
+def test_pos_embed_rel_factors_are_timms_logits(family):
+    cls = POS_EMBEDS[family]
+    replacement, kind = builders.method_replacements_for(cls)["forward"]  # (loads timm's room)
+    known = builders._method_builders[(f"{cls.__module__}.PosEmbedRel", "forward")].fingerprint
+    assert builders.fingerprint(cls.forward) == known
+    model, _ = build(family, torch.float64)
+    captured = []
+    for m in model.modules():
+        if type(m) is cls:
+            m.register_forward_hook(lambda mod, args, out: captured.append((mod, args[0])))
+    with torch.no_grad():
+        features(model, _)
+    assert captured and kind == "decomposed_rel_pos"
+    for module, q in captured:
+        expected = cls.forward(module, q)
+        structure = replacement(module, q)
+        assert isinstance(structure, DecomposedRelPos) and structure.shape == expected.shape
+        assert torch.equal(structure.materialize(), expected), "bit for bit"
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", list(POS_EMBEDS))
+def test_botnet_and_halonet_forward_and_gradients_match_unpatched(family, backend):
+    model, x = build(family, torch.float64)
+    ref_model = copy.deepcopy(model)
+    ref = features(ref_model, x)
+    ref.square().sum().backward()
+    report = attnswap.patch(model, backend=backend, strict=True)
+    assert report.bias_sources and all(kinds == ("decomposed_rel_pos",) for _, kinds in report.bias_sources)
+    out = features(model, x)
+    torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-11)
+    out.square().sum().backward()
+    _grads_match(model, ref_model)
+    stats = attnswap.stats(model)
+    assert stats.structures() == {("decomposed_rel_pos", backend, forms.FORM_WHOLE): stats.total_calls}
+    attnswap.unpatch(model)
+    assert not any(type(m).__module__.startswith("attnswap") for m in model.modules())
+
+
+@pytest.mark.parametrize("family", list(POS_EMBEDS))
+def test_botnet_and_halonet_on_a_kernel_without_bias_support(registered, family):
+    _maskless(registered, f"nobias_{family}", equal_head_dims=False)
+    model, x = build(family, torch.float64)
+    with torch.no_grad():
+        ref = features(model, x)
+        attnswap.patch(model, backend=f"nobias_{family}", strict=True)
+        out = features(model, x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert set(attnswap.stats(model).structures()) == {("decomposed_rel_pos", f"nobias_{family}", forms.FORM_EXTENDED)}
+
+
+@needs_flex_on_cpu
+@pytest.mark.parametrize("family", list(POS_EMBEDS))
+def test_botnet_and_halonet_on_flex_read_factors(family):
+    model, x = build(family)
+    with torch.no_grad():
+        ref = features(model, x)
+        attnswap.patch(model, backend="flex", strict=True)
+        out = features(model, x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    stats = attnswap.stats(model)
+    assert stats.structures() == {("decomposed_rel_pos", "flex", forms.FORM_PARTS): stats.total_calls}

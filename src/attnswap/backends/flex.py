@@ -33,6 +33,7 @@ from ..call import CallFacts
 from ..errors import BackendRefused
 from ..structure.decomposed import KIND as DECOMPOSED, DecomposedRelPos
 from ..structure.table import KIND as TABLE, TableGather
+from ..structure.windows import KIND as WINDOWS, WindowedBias
 from .base import Backend, Limits
 
 _LOW = frozenset({torch.float32, torch.float16, torch.bfloat16})
@@ -102,14 +103,22 @@ def _with_bias(query, key, value, bias, scale, enable_gqa):
     return flex_attention(query, key, value, score_mod=add_bias, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
-def _with_decomposed(query, key, value, rel_h, rel_w, scale, enable_gqa):
+def _with_decomposed(query, key, value, rel_h, rel_w, prefix, scale, enable_gqa):
     """A decomposed relative-position bias read from its factors: key ``j`` is grid cell
-    ``(j // kw, j % kw)``; the bias element is the factors' sum, as the module computes it."""
+    ``(j // kw, j % kw)``; the bias element is the factors' sum, as the module computes it. The
+    first ``prefix`` queries and keys (a class token) have no bias."""
     flex_attention, _ = _flex()
     kw = rel_w.size(-1)
 
-    def add_rel_pos(score, b, h, q_idx, kv_idx):
-        return score + (rel_h[b, h, q_idx, kv_idx // kw] + rel_w[b, h, q_idx, kv_idx % kw])
+    if prefix:
+        def add_rel_pos(score, b, h, q_idx, kv_idx):
+            inner = (q_idx >= prefix) & (kv_idx >= prefix)
+            qi = torch.where(inner, q_idx - prefix, 0)
+            ki = torch.where(inner, kv_idx - prefix, 0)
+            return score + torch.where(inner, rel_h[b, h, qi, ki // kw] + rel_w[b, h, qi, ki % kw], 0.0)
+    else:
+        def add_rel_pos(score, b, h, q_idx, kv_idx):
+            return score + (rel_h[b, h, q_idx, kv_idx // kw] + rel_w[b, h, q_idx, kv_idx % kw])
 
     block_mask = full_block_mask(query.size(-2), key.size(-2), query.device)
     return flex_attention(
@@ -117,16 +126,40 @@ def _with_decomposed(query, key, value, rel_h, rel_w, scale, enable_gqa):
     )
 
 
-def _with_table(query, key, value, table, index, scale, enable_gqa):
-    """A bias gathered from its table per score: ``table[index[q · Nk + kv], h]``; no N×N tensor."""
+def _with_table(query, key, value, table, index, prefix, scale, enable_gqa):
+    """A bias gathered from its table per score: ``table[index[q · Nk + kv], h]``; no N×N tensor.
+    The first ``prefix`` rows and columns (class tokens before the grid) have a zero bias."""
     flex_attention, _ = _flex()
     kv_len = key.size(-2)
 
-    def add_table(score, b, h, q_idx, kv_idx):
-        return score + table[index[q_idx * kv_len + kv_idx], h]
+    if prefix:
+        grid = kv_len - prefix
+
+        def add_table(score, b, h, q_idx, kv_idx):
+            inner = (q_idx >= prefix) & (kv_idx >= prefix)
+            at = torch.where(inner, (q_idx - prefix) * grid + (kv_idx - prefix), 0)
+            return score + torch.where(inner, table[index[at], h], 0.0)
+    else:
+        def add_table(score, b, h, q_idx, kv_idx):
+            return score + table[index[q_idx * kv_len + kv_idx], h]
 
     block_mask = full_block_mask(query.size(-2), kv_len, query.device)
     return flex_attention(query, key, value, score_mod=add_table, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def _with_windows(query, key, value, table, index, mask, scale, enable_gqa):
+    """Shifted windows: batch entry ``b`` is window ``b % nW`` of its image; its score gets the
+    window's table-gathered bias plus that window's mask (timm adds the two before the call)."""
+    flex_attention, _ = _flex()
+    kv_len, windows = key.size(-2), mask.size(0)
+
+    def add_windowed(score, b, h, q_idx, kv_idx):
+        return score + (table[index[q_idx * kv_len + kv_idx], h] + mask[b % windows, q_idx, kv_idx])
+
+    block_mask = full_block_mask(query.size(-2), kv_len, query.device)
+    return flex_attention(
+        query, key, value, score_mod=add_windowed, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa
+    )
 
 
 def _with_bool_mask(query, key, value, mask, scale, enable_gqa):
@@ -193,7 +226,7 @@ class FlexBackend(Backend):
         backward=False,
     )
     _cuda = Limits(dtypes=_LOW, ndims=frozenset({4}), kv_batch_broadcast=False, dropout=False)
-    structures = frozenset({DECOMPOSED, TABLE})
+    structures = frozenset({DECOMPOSED, TABLE, WINDOWS})
     compiles_per_shape = True
 
     def __init__(self) -> None:
@@ -260,12 +293,17 @@ class FlexBackend(Backend):
             variant, extra = _plain, ()
         elif isinstance(attn_mask, DecomposedRelPos):
             b, h, lq = query.size(0), query.size(1), query.size(2)
+            rows = lq - attn_mask.prefix
             rel_h, rel_w = (
-                f.to(query.dtype).expand(b, h, lq, f.size(-1)) for f in (attn_mask.rel_h, attn_mask.rel_w)
+                f.to(query.dtype).expand(b, h, rows, f.size(-1)) for f in (attn_mask.rel_h, attn_mask.rel_w)
             )
-            variant, extra = _with_decomposed, (rel_h, rel_w)
+            variant, extra = _with_decomposed, (rel_h, rel_w, attn_mask.prefix)
+        elif isinstance(attn_mask, WindowedBias):
+            table, index = attn_mask.table()
+            dtype = attn_mask.dtype  # timm adds bias and mask in their promoted dtype
+            variant, extra = _with_windows, (table.to(dtype), index, attn_mask.mask.to(dtype))
         elif isinstance(attn_mask, TableGather):
-            variant, extra = _with_table, (attn_mask.table.to(query.dtype), attn_mask.index)
+            variant, extra = _with_table, (attn_mask.table.to(query.dtype), attn_mask.index, attn_mask.prefix)
         else:
             b, h, lq, lk = query.size(0), query.size(1), query.size(2), key.size(2)
             mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
@@ -276,7 +314,8 @@ class FlexBackend(Backend):
         if torch.compiler.is_compiling():
             return variant(query, key, value, *extra, scale, gqa)
         sig = (variant.__name__, scale, gqa, torch.is_grad_enabled()) + tuple(
-            (t.device, t.dtype, tuple(t.shape), t.stride(), t.requires_grad) for t in (query, key, value, *extra)
+            (t.device, t.dtype, tuple(t.shape), t.stride(), t.requires_grad) if isinstance(t, torch.Tensor) else t
+            for t in (query, key, value, *extra)
         )
         fn = self._compiled.get(sig)
         if fn is not None:

@@ -54,6 +54,10 @@ class Builder:
 _builders: dict[str, Builder] = {}
 #: (class target, method name) -> Builder for methods that build a bias
 _method_builders: dict[tuple[str, str], Builder] = {}
+#: (class target, method name) -> Builder for methods that build a bias inline (wrapped)
+_method_wrappers: dict[tuple[str, str], Builder] = {}
+#: target -> Builder for functions that add a bias to hand-written scores
+_additive_builders: dict[str, Builder] = {}
 _replacements: dict[Callable, Callable | None] = {}
 _loaded: set[str] = set()
 _lock = threading.RLock()
@@ -77,36 +81,93 @@ def register_method_builder(cls_target: str, method: str, fingerprint: str, kind
         _method_builders[(cls_target, method)] = Builder(f"{cls_target}.{method}", fingerprint, kind, make)
 
 
+def register_method_wrapper(cls_target: str, method: str, fingerprint: str, kind: str, make: Callable[[Callable], Callable]) -> None:
+    """For a bias a method builds inline, around its SDPA call (Swin's shift mask, expanded to
+    every image): patched instances of ``cls_target`` get ``make(rerouted_method)``, which
+    computes what the method computes with the bias as a ``kind`` structure and calls the
+    rerouted method for everything else. Used only while the class's own ``method`` has this
+    ``fingerprint``."""
+    with _lock:
+        _method_wrappers[(cls_target, method)] = Builder(f"{cls_target}.{method}", fingerprint, kind, make)
+
+
+def register_additive_builder(target: str, fingerprint: str, kind: str, make: Callable[[Callable], Callable]) -> None:
+    """For a function hand-written attention calls as ``scores = fn(scores, ...)`` to add a bias
+    (MViTv2's ``cal_rel_pos_type``, written into a slice of the scores in place): ``make(fn)``
+    returns ``bias_of(scores, ...)``, the ``kind`` structure of the term ``fn`` adds (or None to
+    let ``fn`` run), used only while ``fn`` has this ``fingerprint``."""
+    with _lock:
+        _additive_builders[target] = Builder(target, fingerprint, kind, make)
+
+
+def additive_bias_for(fn: Callable) -> Callable | None:
+    """The ``bias_of`` registered for the additive function ``fn`` (see
+    :func:`register_additive_builder`), or None."""
+    target = _target(fn)
+    if target is None:
+        return None
+    with _lock:
+        _load_room(fn.__module__)
+        builder = _additive_builders.get(target)
+        if builder is None:
+            return None
+        return _made(("additive", fn), builder, lambda: builder.make(fn))
+
+
 def method_replacements_for(cls: type) -> dict[str, tuple[Callable, str]]:
     """Methods of ``cls`` (or the classes it inherits them from) to replace with structured
     builders: name -> (replacement, kind)."""
-    out: dict[str, tuple[Callable, str]] = {}
-    module = getattr(cls, "__module__", "") or ""
+    out = {}
+    for name, fn, builder in _known_methods(cls, _method_builders):
+        made = _made(("method", fn), builder, lambda: functools.wraps(fn)(builder.make(fn)))
+        if made is not None:
+            out[name] = (made, builder.kind)
+    return out
+
+
+def method_wrappers_for(cls: type) -> dict[str, tuple[Callable[[Callable], Callable], str]]:
+    """Methods of ``cls`` to wrap once rerouted (see :func:`register_method_wrapper`): name ->
+    (``make(rerouted)``, kind)."""
+    out = {}
+    for name, fn, builder in _known_methods(cls, _method_wrappers):
+        if _made(("wrapper", fn), builder, lambda: builder.make) is not None:
+            out[name] = (builder.make, builder.kind)
+    return out
+
+
+def _known_methods(cls: type, registry: dict[tuple[str, str], Builder]) -> list[tuple[str, Callable, Builder]]:
+    """(name, function, builder) for each method of ``cls`` registered in ``registry``, as the
+    class resolves it (one overridden below the registered class is not the code it knows)."""
+    found = []
     with _lock:
-        _load_room(module)
+        _load_room(getattr(cls, "__module__", "") or "")
         for klass in cls.__mro__:
             _load_room(getattr(klass, "__module__", "") or "")
             target = _target(klass)
-            for (cls_target, method), builder in _method_builders.items():
-                if cls_target != target or method in out or method not in vars(klass):
+            for (cls_target, method), builder in registry.items():
+                if cls_target != target or method not in vars(klass) or any(f[0] == method for f in found):
                     continue
                 fn = vars(klass)[method]
-                if getattr(cls, method, None) is not fn:
-                    continue  # overridden below it: not the code the builder knows
-                key = ("method", fn)
-                if key not in _replacements:
-                    made = None
-                    if fingerprint(fn) == builder.fingerprint:
-                        made = functools.wraps(fn)(builder.make(fn))
-                    else:
-                        skipped[builder.target] = (
-                            f"{builder.target} differs from the code attnswap's structured form was written for: "
-                            "its bias is built as a tensor"
-                        )
-                    _replacements[key] = made
-                if _replacements[key] is not None:
-                    out[method] = (_replacements[key], builder.kind)
-    return out
+                if getattr(cls, method, None) is fn:
+                    found.append((method, fn, builder))
+    return found
+
+
+def _made(key: Any, builder: Builder, make: Callable[[], Any]) -> Any:
+    """``make()`` when ``key``'s function has the fingerprint ``builder`` was written for (else
+    None, with the reason in :data:`skipped`); cached per function."""
+    with _lock:
+        if key not in _replacements:
+            made = None
+            if fingerprint(key[1]) == builder.fingerprint:
+                made = make()
+            else:
+                skipped[builder.target] = (
+                    f"{builder.target} differs from the code attnswap's structured form was written for: "
+                    "its bias is built as a tensor"
+                )
+            _replacements[key] = made
+        return _replacements[key]
 
 
 def fingerprint(fn: Callable) -> str | None:

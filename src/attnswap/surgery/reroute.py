@@ -15,6 +15,7 @@ patched instances (``parametrize``-style), so unpatching is just restoring ``__c
 from __future__ import annotations
 
 import ast
+import functools
 import threading
 import types
 from collections import OrderedDict
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from ..errors import NotScriptable
 from ..routing import ROUTE_METHOD, ROUTER_ATTR, UNROUTED
 from ..structure import replacement_for
-from ..structure.builders import builder_names, method_replacements_for
+from ..structure.builders import builder_names, method_replacements_for, method_wrappers_for
 from . import manual, mha
 from .source import NotRewritable, compile_like, local_names, parse_method, resolve, self_name
 
@@ -256,9 +257,16 @@ def _analyze(cls: type) -> ClassRewrite | None:
             structures.extend(k for k in found[3] if k not in structures)
     for name, (replacement, kind) in method_replacements_for(cls).items():
         # a method that builds a bias (BEiT's _get_rel_pos_bias): only where its result reaches a
-        # rerouted SDPA call of this class, or the class computes no attention at all
-        if name not in methods and (calls or not (methods or softmax_methods)):
+        # rerouted SDPA call or routed hand-written attention of this class, or the class computes
+        # no attention at all
+        if name not in methods and (calls or products or not (methods or softmax_methods)):
             methods[name] = replacement
+            structures.extend(k for k in (kind,) if k not in structures)
+    for name, (wrap, kind) in method_wrappers_for(cls).items():
+        # a method that builds its bias inline around its SDPA call (Swin's shift mask): the
+        # wrapper makes the bias a structure and calls the rerouted method for anything else
+        if name in methods and calls:
+            methods[name] = functools.wraps(methods[name])(wrap(methods[name]))
             structures.extend(k for k in (kind,) if k not in structures)
     if not methods:
         return ClassRewrite(cls, left_alone=not_followed) if not_followed else None

@@ -33,6 +33,9 @@ from torch.utils._pytree import tree_map
 
 from ..call import broadcast
 from ..structure.base import StructuredMask
+from ..structure.builders import additive_bias_for
+from ..structure.table import TableGather
+from ..structure.windows import WindowedBias
 
 _Tensor = torch.Tensor
 _SOFTMAX_FUNCS = frozenset({F.softmax, torch.softmax, _Tensor.softmax})
@@ -233,8 +236,8 @@ class Lazy:
         return self.settle().device if self.sym is None else self.sym.device
 
     def _binary(self, op: Callable, other: Any, reflected: bool) -> Any:
-        if isinstance(other, StructuredMask):  # a bias carried as structure: here, its tensor
-            other = other._outside("hand-written attention")
+        if isinstance(other, StructuredMask) and not self._keeps_structure(op, other, reflected):
+            other = other._outside("hand-written attention")  # here, the tensor it stands for
         args = (other, self) if reflected else (self, other)
         if self.sym is not None and self._value is None:
             out = self._symbolic_binary(op, other, reflected)
@@ -244,6 +247,10 @@ class Lazy:
 
     def _symbolic_binary(self, op, other, reflected):
         return NotImplemented
+
+    def _keeps_structure(self, op: Callable, other: StructuredMask, reflected: bool) -> bool:
+        """Whether a structured bias can join the symbolic form as it is (scores add it)."""
+        return False
 
     def __add__(self, other):
         return self._binary(operator.add, other, False)
@@ -317,6 +324,31 @@ def _compatible(t: _Tensor, sym: _ScoresSym) -> bool:
     return _is_plain_tensor(t) and t.dtype == sym.dtype and t.device == sym.device
 
 
+def _windowed(sym: _ScoresSym) -> WindowedBias | None:
+    """Swin v2's shift mask, added in a ``(B, nW, H, N, N)`` view of ``(B·nW, H, N, N)`` scores
+    as ``mask [1, nW, 1, N, N]`` on top of one ``[1, H, N, N]`` bias: the two as a
+    :class:`WindowedBias` (the mask is not expanded to every image), or None."""
+    viewed, base = sym.viewed, sym.shape
+    if viewed is None or len(viewed) != 5 or len(base) != 4 or len(sym.viewed_biases) != 1 or len(sym.biases) != 1:
+        return None
+    batch, windows, heads, n, n2 = viewed
+    if (batch * windows, heads, n, n2) != tuple(base) or n != n2:
+        return None
+    mask, bias = sym.viewed_biases[0], sym.biases[0]
+    if not _is_plain_tensor(mask) or tuple((1,) * (5 - mask.dim()) + tuple(mask.shape)) != (1, windows, 1, n, n):
+        return None
+    if tuple((1,) * (4 - bias.dim()) + tuple(bias.shape)) != (1, heads, n, n):
+        return None
+    if isinstance(bias, StructuredMask):
+        if not isinstance(bias, TableGather) or bias.prefix:
+            return None
+    elif not _is_plain_tensor(bias):
+        return None
+    else:
+        bias = bias.reshape(1, heads, n, n)
+    return WindowedBias(bias, mask.reshape(windows, n, n), base[0], heads)
+
+
 class Scores(Lazy):
     """``q @ kᵀ`` and what follows it, up to ``softmax``."""
 
@@ -326,9 +358,22 @@ class Scores(Lazy):
     def shape(self) -> torch.Size:
         return self.settle().shape if self.sym is None else torch.Size(self.sym.current_shape)
 
+    def _keeps_structure(self, op, other, reflected):
+        # added as a whole to un-viewed scores: it reaches the router as the call's attn_mask
+        sym: _ScoresSym | None = self.sym
+        return (
+            op is operator.add and sym is not None and self._value is None and sym.viewed is None
+            and not sym.biases and other.dtype == sym.dtype and other.device == sym.device
+            and _fits(sym.shape, other)
+        )
+
     def _symbolic_binary(self, op, other, reflected):
         sym: _ScoresSym = self.sym
         shape = sym.current_shape
+        if isinstance(other, StructuredMask):  # (_keeps_structure said yes)
+            new = sym.copy()
+            new.biases.append(other)
+            return self._derive(op, (other, self) if reflected else (self, other), None, new)
         if op is operator.add or (op is operator.sub and not reflected):
             if not (isinstance(other, _Tensor) and _compatible(other, sym) and _fits(shape, other)):
                 return NotImplemented
@@ -365,7 +410,10 @@ class Scores(Lazy):
             return None
         new = sym.copy()
         if target == sym.shape:
-            if new.viewed is not None:
+            windowed = _windowed(new)
+            if windowed is not None:
+                new.biases, new.viewed, new.viewed_biases = [windowed], None, []
+            elif new.viewed is not None:
                 for b in new.viewed_biases:
                     unviewed = _unview_bias(b, new.viewed, new.shape)
                     if unviewed is None:
@@ -623,6 +671,9 @@ def additive(router: Any, fn: Callable, scores: Any, *args: Any, **kwargs: Any) 
     found by applying ``fn`` to zeros, so the scores stay symbolic."""
     if isinstance(scores, Scores) and scores.sym is not None and scores._value is None and scores.sym.viewed is None:
         sym: _ScoresSym = scores.sym
-        bias = fn(torch.zeros(sym.shape, dtype=sym.dtype, device=sym.device), *args, **kwargs)
+        bias_of = additive_bias_for(fn)  # the term as a structure (MViTv2's decomposed rel-pos)
+        bias = None if bias_of is None else bias_of(scores, *args, **kwargs)
+        if bias is None or tuple(bias.shape) != tuple(sym.shape) or bias.dtype != sym.dtype:
+            bias = fn(torch.zeros(sym.shape, dtype=sym.dtype, device=sym.device), *args, **kwargs)
         return scores + bias
     return fn(_settled(scores), *args, **kwargs)
