@@ -7,6 +7,8 @@ Three forms, decided once per call signature with the backend:
 - **per sequence**: a key-padding mask is dropped and each sequence of the batch runs on its
   valid tokens only (no mask at all, so even kernels without mask support take it); padded
   query rows get what the masked call gives them;
+- **packed**: the same, in one call of the backend's variable-length kernel
+  (:meth:`~attnswap.backends.base.Backend.varlen`) on every sequence's valid tokens end to end;
 - **head dim extended** (decomposed relative position, for kernels that take no bias):
   ``q' = [q·scale, rel_h, rel_w]``, ``k' = [k, onehot(key row), onehot(key column)]``, scale 1;
   ``q'·k'ᵀ`` is exactly the scaled scores plus the bias, so the plain kernel computes the biased
@@ -37,6 +39,7 @@ MIN_ROWS = 128
 
 FORM_PARTS = "from its parts"
 FORM_SEQUENCES = "per sequence, padding dropped"
+FORM_PACKED = "packed sequences, padding dropped (varlen kernel)"
 FORM_WHOLE = "materialized"
 FORM_ROWS = "materialized by query rows"
 FORM_EXTENDED = "head dim extended by its factors"
@@ -68,6 +71,8 @@ def choose(backend: Backend, facts: CallFacts, reasons: Reasons) -> tuple[list[s
     sequence = per_sequence_facts(facts)
     if sequence is not None and not backend.compiles_per_shape:
         seq_reasons, _ = reasons(backend, sequence)
+        if not seq_reasons and not backend.varlen_reasons(sequence):
+            return [], False, FORM_PACKED  # one launch, no padding: wherever the backend has the kernel
         if not seq_reasons:
             tensor_reasons, reshape = reasons(backend, facts)
             # on CPU the padding's work is skipped; elsewhere a backend that takes the mask keeps
@@ -85,7 +90,7 @@ def _materialized(facts: CallFacts) -> str:
 def kernel_facts(facts: CallFacts, form: str | None) -> CallFacts | None:
     """The facts of the call the kernel itself receives when the bias reaches it in ``form``
     (None when the call cannot take that form)."""
-    if form == FORM_SEQUENCES:
+    if form in (FORM_SEQUENCES, FORM_PACKED):
         return per_sequence_facts(facts)
     if form in (FORM_EXTENDED, FORM_EXTENDED_PAD_V):
         return extended_facts(facts, pad_v=form == FORM_EXTENDED_PAD_V)
@@ -147,12 +152,17 @@ def row_slice(facts: CallFacts) -> int | None:
     return rows if rows < facts.q_len else None
 
 
-def wrap(inner: Callable[..., torch.Tensor], facts: CallFacts, form: str | None) -> Callable[..., torch.Tensor]:
-    """``inner`` (the backend's runner) made to take the call's structured bias in ``form``."""
+def wrap(
+    inner: Callable[..., torch.Tensor], facts: CallFacts, form: str | None, varlen: Callable[..., torch.Tensor] | None = None
+) -> Callable[..., torch.Tensor]:
+    """``inner`` (the backend's runner) made to take the call's structured bias in ``form``
+    (``varlen``: the backend's variable-length kernel, for :data:`FORM_PACKED`)."""
     if form is None or form == FORM_PARTS:
         return inner
     if form == FORM_SEQUENCES:
         return _per_sequence(inner)
+    if form == FORM_PACKED:
+        return _packed(varlen, inner)
     if form in (FORM_EXTENDED, FORM_EXTENDED_PAD_V):
         return _extended(inner, extended_head_dim(facts), form == FORM_EXTENDED_PAD_V)
     return _materializing(inner, row_slice(facts))
@@ -188,6 +198,15 @@ def _per_sequence(inner: Callable[..., torch.Tensor]) -> Callable[..., torch.Ten
         if type(m) is _Tensor or m is None:
             return inner(q, k, v, m, d, c, scale=scale, enable_gqa=enable_gqa)
         return m.run_per_sequence(inner, q, k, v, scale=scale, enable_gqa=enable_gqa)
+
+    return run
+
+
+def _packed(varlen: Callable[..., torch.Tensor], inner: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def run(q, k, v, m=None, d=0.0, c=False, scale=None, enable_gqa=False):
+        if type(m) is _Tensor or m is None:
+            return inner(q, k, v, m, d, c, scale=scale, enable_gqa=enable_gqa)
+        return m.run_packed(varlen, inner, q, k, v, scale=scale, enable_gqa=enable_gqa)
 
     return run
 

@@ -145,7 +145,19 @@ def _runner(
     if cast is not None:
         run = _cast_runner(run, cast)
     if facts is not None:
-        run = forms.wrap(run, facts, form)
+        varlen = None
+        if form == forms.FORM_PACKED:
+            varlen = backend.varlen if cast is None else _cast_varlen(backend.varlen, cast)
+        run = forms.wrap(run, facts, form, varlen)
+    return run
+
+
+def _cast_varlen(inner: Callable[..., torch.Tensor], dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """:func:`_cast_runner` for a backend's variable-length kernel (packed ``[T, H, E]`` tensors)."""
+
+    def run(q, k, v, *offsets, scale=None, enable_gqa=False):
+        return inner(q.to(dtype), k.to(dtype), v.to(dtype), *offsets, scale=scale, enable_gqa=enable_gqa).to(q.dtype)
+
     return run
 
 

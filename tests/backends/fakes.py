@@ -69,6 +69,39 @@ def _flash_out(q, k, v, softmax_scale, causal, dropout_p=0.0):
     return out.to(q.dtype)
 
 
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, same_v_dim=True):
+    """flash-attn's varlen rules: packed ``[total, nheads, headdim]``, int32 ``[B + 1]`` offsets on
+    the tensors' device, max lengths as ints."""
+    assert q.dtype in HALF, "FlashAttention only support fp16 and bf16 data type"
+    assert k.dtype == q.dtype and v.dtype == q.dtype, "query and key/value must have the same dtype"
+    for t in (q, k, v):
+        assert t.dim() == 3, "varlen takes [total, nheads, headdim]"
+        assert t.stride(-1) == 1, "Input tensor must have contiguous last dimension"
+    for cu in (cu_seqlens_q, cu_seqlens_k):
+        assert cu.dtype == torch.int32, "cu_seqlens_q must have dtype int32"
+        assert cu.is_contiguous() and cu.device == q.device and cu.dim() == 1
+    assert cu_seqlens_q.numel() == cu_seqlens_k.numel(), "one offset per sequence, for q and for k"
+    assert isinstance(max_seqlen_q, int) and isinstance(max_seqlen_k, int)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    assert cq[0] == 0 and ck[0] == 0 and cq[-1] == q.shape[0] and ck[-1] == k.shape[0]
+    assert max_seqlen_q >= max(b - a for a, b in zip(cq, cq[1:]))
+    assert max_seqlen_k >= max(b - a for a, b in zip(ck, ck[1:]))
+    h, hk = q.shape[1], k.shape[1]
+    assert h % hk == 0, "Number of heads in key/value must divide number of heads in query"
+    assert k.shape[1:] == (hk, q.shape[2]) and v.shape[:2] == k.shape[:2]
+    if same_v_dim:
+        assert v.shape[2] == q.shape[2]
+    return cq, ck
+
+
+def _varlen_out(q, k, v, cq, ck, softmax_scale, causal):
+    outs = [
+        _flash_out(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], softmax_scale, causal)[0]
+        for (qa, qb), (ka, kb) in zip(zip(cq, cq[1:]), zip(ck, ck[1:]))
+    ]
+    return torch.cat(outs).contiguous()
+
+
 def flash_attn_2(recorder: Recorder, version: str = "2.8.3") -> types.ModuleType:
     module = types.ModuleType("flash_attn")
     module.__version__ = version
@@ -98,7 +131,33 @@ def flash_attn_2(recorder: Recorder, version: str = "2.8.3") -> types.ModuleType
             return out, None, None
         return out
 
+    def flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        dropout_p=0.0,
+        softmax_scale=None,
+        causal=False,
+        window_size=(-1, -1),  # -1 means infinite context window
+        softcap=0.0,  # 0.0 means deactivated
+        alibi_slopes=None,
+        deterministic=False,
+        return_attn_probs=False,
+        block_table=None,
+    ):
+        recorder.append(("flash_attn_varlen_func", dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                                         dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                                                         deterministic=deterministic)))
+        cq, ck = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        out = _varlen_out(q, k, v, cq, ck, softmax_scale, causal)
+        return (out, None, None) if return_attn_probs else out
+
     module.flash_attn_func = flash_attn_func
+    module.flash_attn_varlen_func = flash_attn_varlen_func
     return module
 
 
@@ -133,7 +192,40 @@ def flash_attn_3(recorder: Recorder, version: str = "3.0.0", returns_lse: bool =
             return out, torch.zeros(q.shape[0], q.shape[2], q.shape[1])
         return out
 
+    def flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        seqused_q=None,
+        seqused_k=None,
+        softmax_scale=None,
+        causal=False,
+        qv=None,
+        q_descale=None, k_descale=None, v_descale=None,
+        window_size=(-1, -1),
+        attention_chunk=0,
+        softcap=0.0,
+        num_splits=1,
+        pack_gqa=None,
+        deterministic=False,
+        sm_margin=0,
+        return_attn_probs=False,
+    ):
+        recorder.append(("flash_attn_varlen_func", dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                                         softmax_scale=softmax_scale, causal=causal, deterministic=deterministic)))
+        assert seqused_q is None and seqused_k is None, "a scale or flag was passed positionally"
+        cq, ck = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, same_v_dim=False)
+        out = _varlen_out(q, k, v, cq, ck, softmax_scale, causal)
+        if returns_lse or return_attn_probs:
+            return out, torch.zeros(q.shape[1], q.shape[0])
+        return out
+
     module.flash_attn_func = flash_attn_func
+    module.flash_attn_varlen_func = flash_attn_varlen_func
     return module
 
 
@@ -171,7 +263,47 @@ def flash_attn_4(recorder: Recorder) -> types.ModuleType:
         out = _flash_out(q, k, v, softmax_scale, causal).contiguous()
         return out, None  # always a tuple
 
+    def flash_attn_varlen_func(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        qv=None,
+        cu_seqlens_q=None,
+        cu_seqlens_k=None,
+        max_seqlen_q=None,
+        max_seqlen_k=None,
+        min_seqlen_k=None,
+        seqused_q=None,
+        seqused_k=None,
+        gather_kv_indices=None,
+        page_table=None,
+        softmax_scale=None,
+        causal: bool = False,
+        window_size=(None, None),
+        learnable_sink=None,
+        softcap: float = 0.0,
+        num_splits: int = 1,
+        pack_gqa=None,
+        deterministic: bool = False,
+        score_mod=None,
+        score_mod_bwd=None,
+        mask_mod=None,
+        block_sparse_tensors=None,
+        aux_tensors=None,
+        aux_scalars=None,
+        return_lse: bool = False,
+        scheduler_metadata=None,
+        seqlen_k_per_split=None,
+        disable_scheduler_metadata: bool = False,
+    ):
+        assert qv is None, "the offsets were passed positionally (qv is FA4's fourth parameter)"
+        recorder.append(("flash_attn_varlen_func", dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                                         softmax_scale=softmax_scale, causal=causal, deterministic=deterministic)))
+        cq, ck = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, same_v_dim=False)
+        return _varlen_out(q, k, v, cq, ck, softmax_scale, causal), None  # always a tuple
+
     module.flash_attn_func = flash_attn_func
+    module.flash_attn_varlen_func = flash_attn_varlen_func
     return module
 
 
@@ -179,9 +311,39 @@ class LowerTriangularMask:
     """xformers' causal mask: top-left aligned (``_CustomMaskType.CausalFromTopLeft``)."""
 
 
+class BlockDiagonalMask:
+    """xformers' packed-sequences bias (``attn_bias.BlockDiagonalMask``): queries of block ``i``
+    attend to keys of block ``i`` only; inputs are one batch of 1."""
+
+    def __init__(self, q_seqstart: list[int], k_seqstart: list[int], device) -> None:
+        self.q_seqstart, self.k_seqstart, self.device = q_seqstart, k_seqstart, device
+
+    @classmethod
+    def from_seqlens(cls, q_seqlen, kv_seqlen=None, *, device=None):
+        assert not isinstance(q_seqlen, torch.Tensor), "seqlens are Python ints"
+        kv_seqlen = q_seqlen if kv_seqlen is None else kv_seqlen
+        assert len(kv_seqlen) == len(q_seqlen)
+
+        def starts(lengths):
+            out = [0]
+            for n in lengths:
+                out.append(out[-1] + int(n))
+            return out
+
+        return cls(starts(q_seqlen), starts(kv_seqlen), device)
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu"):
+        mask = torch.full(shape[-2:], float("-inf"), dtype=dtype, device=device)
+        for (qa, qb), (ka, kb) in zip(zip(self.q_seqstart, self.q_seqstart[1:]), zip(self.k_seqstart, self.k_seqstart[1:])):
+            mask[qa:qb, ka:kb] = 0
+        return mask
+
+
 def xformers_ops(recorder: Recorder) -> types.ModuleType:
     module = types.ModuleType("xformers.ops")
     module.LowerTriangularMask = LowerTriangularMask
+    module.fmha = types.ModuleType("xformers.ops.fmha")
+    module.fmha.BlockDiagonalMask = BlockDiagonalMask
 
     def memory_efficient_attention(
         query: torch.Tensor,
@@ -233,6 +395,11 @@ def xformers_ops(recorder: Recorder) -> types.ModuleType:
             bias = attn_bias if nd == 5 else attn_bias.unsqueeze(1)
         elif isinstance(attn_bias, LowerTriangularMask):
             causal_offset = 0
+        elif isinstance(attn_bias, BlockDiagonalMask):
+            assert b == 1 and nd == 4, "a BlockDiagonalMask takes one batch of packed sequences"
+            assert attn_bias.q_seqstart[-1] == mq and attn_bias.k_seqstart[-1] == mk
+            assert torch.device(attn_bias.device) == query.device
+            bias = attn_bias.materialize((mq, mk), dtype=torch.float32)[None, None, None].expand(b, 1, h, mq, mk)
         else:
             assert attn_bias is None, f"unexpected attn_bias {attn_bias!r}"
         s = query.shape[-1] ** -0.5 if scale is None else scale

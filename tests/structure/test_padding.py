@@ -17,7 +17,7 @@ from attnswap.backends import eager_attention
 from attnswap.call import facts_of
 from attnswap.models import naflex_batch, ungate
 from attnswap.routing import Policy, Router
-from attnswap.structure import replacement_for
+from attnswap.structure import builders, replacement_for
 from attnswap.structure.padding import KeyPadding
 
 naflex = pytest.importorskip("timm.models.naflexvit")
@@ -215,3 +215,143 @@ def test_a_standard_image_batch_has_no_mask_and_no_structure():
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     assert attnswap.stats(model).structures() == {}
+
+
+# -- packed sequences: one variable-length kernel call ----------------------------------------
+
+
+def reference_varlen(calls=None):
+    """flash-attn's varlen convention, computed per sequence with SDPA's math (float64 exact)."""
+
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale=None, enable_gqa=False):
+        assert q.dim() == 3 and k.dim() == 3 and cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        assert max_seqlen_q == max(b - a for a, b in zip(cq, cq[1:])) and max_seqlen_k == max(b - a for a, b in zip(ck, ck[1:]))
+        if calls is not None:
+            calls.append((q.shape[0], k.shape[0]))
+        outs = []
+        for (qa, qb), (ka, kb) in zip(zip(cq, cq[1:]), zip(ck, ck[1:])):
+            seq = [t.transpose(0, 1)[None] for t in (q[qa:qb], k[ka:kb], v[ka:kb])]
+            with sdpa_kernel([SDPBackend.MATH]):
+                out = torch.nn.functional.scaled_dot_product_attention(*seq, scale=scale, enable_gqa=enable_gqa)
+            outs.append(out[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    return varlen
+
+
+@pytest.mark.parametrize(
+    "lengths,scattered",
+    [([12, 5, 1], False), ([12, 12, 12], False), ([7, 3, 10], True), ([6, 0, 12], False)],
+    ids=["tail padding", "no padding", "scattered valid tokens", "a sequence without valid tokens"],
+)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "key only"])
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+def test_packed_equals_the_masked_call_on_every_row_with_gradients(registered, lengths, scattered, symmetric, gqa):
+    calls = []
+    registered("packs", lambda q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False:
+               torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa),
+               varlen=reference_varlen(calls))
+    q, k, v = qkv(len(lengths), 12, heads=4, kv_heads=2 if gqa else 4, requires_grad=True)
+    valid = validity(lengths, 12, scattered)
+    mask = create_attention_mask(valid, 0, symmetric, None, torch.float64)
+    with sdpa_kernel([SDPBackend.MATH]):
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    router = Router(Policy("packs", (), True), site="t")
+    padding = structured(valid, 0, symmetric, None, torch.float64)
+    out = router.route(q, k, v, attn_mask=padding, enable_gqa=gqa)
+    assert router.tallies()[0].structure == ("key_padding", forms.FORM_PACKED)
+    assert padding._tensor is None, "the mask is never built"
+    if 0 in lengths:
+        assert not calls, "a sequence without valid tokens: that batch runs per sequence"
+    else:
+        valid_tokens = sum(lengths)
+        assert calls == [(valid_tokens if symmetric else 12 * len(lengths), valid_tokens)], "one call, padding left out"
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_packing_is_made_once_per_mask_for_every_layer():
+    valid = validity([7, 3, 10], 12, scattered=True)
+    padding = structured(valid, 0, True, None, torch.float32)
+    first = padding.packing()
+    assert padding.packing() is first and first.lengths == [7, 3, 10] and first.max_seqlen == 10
+    assert first.cu_seqlens.tolist() == [0, 7, 10, 20] and first.cu_seqlens.dtype == torch.int32
+    assert torch.equal(first.index, valid.reshape(-1).nonzero().squeeze(1))
+    assert structured(validity([4, 0], 6), 0, True, None, torch.float32).packing() is None
+
+
+def test_a_backend_with_a_varlen_kernel_gets_naflexvit_packed(registered):
+    registered("packs_nf", lambda q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False:
+               torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa),
+               supports=lambda f: ["no attn_mask"] if f.has_mask else [], varlen=reference_varlen())
+    model, x = naflex_model("naflexvit_base_patch16_gap")
+    ref_model = copy.deepcopy(model)
+    with sdpa_kernel([SDPBackend.MATH]):  # (padded tokens in the loss: see test_fully_masked_rows_get_softmaxs_gradient)
+        ref = ref_model.forward_features(**x)["patches"]
+        ref.square().sum().backward()
+    attnswap.patch(model, backend="packs_nf", strict=True)
+    out = model.forward_features(**x)["patches"]
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)  # padded tokens included
+    out.square().sum().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-8, atol=1e-10, msg=name)
+    assert set(attnswap.stats(model).structures()) == {("key_padding", "packs_nf", forms.FORM_PACKED)}
+
+
+# -- Gemma 4 ViT: a key-only -inf mask built inline in the encoder -------------------------------
+
+gemma4 = pytest.importorskip("timm.models.gemma4_vit")
+
+
+def gemma4_model(dtype=torch.float64):
+    import timm
+
+    torch.manual_seed(0)
+    model = ungate(timm.create_model("gemma4_vit_167m", pretrained=False, depth=2, embed_dim=64, num_heads=2)).eval().to(dtype)
+    return model
+
+
+def gemma4_batch(lengths, n=36, dtype=torch.float64):
+    return naflex_batch(lengths, n, grid_w=6, patch_dim=16 * 16 * 3, dtype=dtype)
+
+
+def test_the_pinned_gemma4_encoder_matches_the_registered_fingerprint():
+    methods = builders.method_replacements_for(gemma4.Gemma4VitEncoder)
+    assert methods["_encode"][1] == "key_padding"
+    known = builders._method_builders[("timm.models.gemma4_vit.Gemma4VitEncoder", "_encode")].fingerprint
+    assert builders.fingerprint(gemma4.Gemma4VitEncoder._encode) == known
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_gemma4_padded_batch_matches_unpatched_with_gradients(backend):
+    model = gemma4_model()
+    x = gemma4_batch([36, 12, 5])
+    ref_model = copy.deepcopy(model)
+    ref = ref_model.forward_features(x)
+    ref.square().sum().backward()
+    report = attnswap.patch(model, backend=backend, strict=True)
+    assert report.bias_sources == (("encoder", ("key_padding",)),)
+    out = model.forward_features(x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)  # padded tokens included
+    out.square().sum().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-8, atol=1e-10, msg=name)
+    stats = attnswap.stats(model)
+    assert stats.structures() == {("key_padding", backend, forms.FORM_SEQUENCES): stats.total_calls}
+
+
+def test_gemma4_keeps_timms_tensor_without_padding_or_with_a_sequence_of_padding_only():
+    model = gemma4_model(torch.float32)
+    attnswap.patch(model, backend="sdpa")
+    with torch.no_grad():
+        model.forward_features(gemma4_batch([36, 36], dtype=torch.float32))
+        model.forward_features(torch.randn(1, 3, 96, 96))
+        assert not attnswap.stats(model).structures() and attnswap.stats(model).total_calls == 4
+        x = gemma4_batch([36, 1], dtype=torch.float32)
+        x["patch_valid"][1] = False  # padding only: -inf rows, which kernels answer differently
+        model.forward_features(x)
+    assert not attnswap.stats(model).structures()

@@ -242,6 +242,32 @@ class Backend:
         :attr:`structures`); the call then reaches it with the tensor."""
         return []
 
+    def varlen_reasons(self, facts: CallFacts) -> list[str]:
+        """Why this backend cannot run a padded batch as packed sequences (:meth:`varlen`).
+        ``facts`` are those of one sequence's call without a mask (its limits apply as well)."""
+        return ["no variable-length kernel (packed sequences)"]
+
+    def varlen(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        lengths_q: list[int],
+        lengths_k: list[int],
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        """Attention within each of several sequences packed along dim 0: ``query [Tq, H, E]``,
+        ``key``/``value [Tk, Hk, E]``, sequence ``i`` at rows ``cu_seqlens[i]:cu_seqlens[i + 1]``
+        (int32, on the device; ``lengths_*`` are the same lengths as Python ints). No attention
+        across sequences, no mask, no dropout. Returns ``[Tq, H, Ev]``. Only called where
+        :meth:`varlen_reasons` gave none."""
+        raise NotImplementedError
+
     @property
     def kernel(self) -> AttentionFn:
         """What the router calls: ``kernel(q, k, v, attn_mask, dropout_p, is_causal, scale=, enable_gqa=)``.
@@ -286,9 +312,11 @@ class FunctionBackend(Backend):
         limits: Limits | dict[str, Limits] | None = None,
         description: str = "",
         exact: bool = True,
+        varlen: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         self.name = name
         self.fn = fn
+        self.varlen_fn = varlen
         self.supports = supports
         self._limits = limits
         self.description = description or (fn.__doc__ or "").strip().split("\n")[0]
@@ -312,4 +340,13 @@ class FunctionBackend(Backend):
         return self.fn(
             query, key, value,
             attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+        )
+
+    def varlen_reasons(self, facts: CallFacts) -> list[str]:
+        return super().varlen_reasons(facts) if self.varlen_fn is None else []
+
+    def varlen(self, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, lengths_q, lengths_k,
+               scale=None, enable_gqa=False):
+        return self.varlen_fn(
+            query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, enable_gqa=enable_gqa
         )

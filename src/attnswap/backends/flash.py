@@ -44,6 +44,7 @@ class FlashAttn2Backend(PackagedBackend):
     description = "flash-attn 2 (flash_attn_func): fp16/bf16, sm80+, dropout, no mask"
     package = OptionalPackage(("flash_attn",), "flash_attn", minimum="2.6", below="3", pip="`pip install flash-attn --no-build-isolation`")
     function = "flash_attn_func"
+    varlen_function = "flash_attn_varlen_func"
     # head_dim <= 256; the Python wrapper pads it to a multiple of 8 itself
     cuda_limits = Limits(**_FLASH_COMMON, max_head_dim=256, v_head_dim_differs=False)
 
@@ -57,6 +58,13 @@ class FlashAttn2Backend(PackagedBackend):
         )
         return from_bshd(out)
 
+    def varlen(self, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, lengths_q, lengths_k,
+               scale=None, enable_gqa=False):
+        return self.varlen_kernel_function(
+            query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            dropout_p=0.0, softmax_scale=scale, causal=False, deterministic=deterministic(),
+        )
+
 
 class _FlashWithoutDropout(PackagedBackend):
     """FA3 and FA4 take the same call: no dropout, everything after v by keyword (FA4's
@@ -69,6 +77,15 @@ class _FlashWithoutDropout(PackagedBackend):
         )
         return from_bshd(first(result))
 
+    def varlen(self, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, lengths_q, lengths_k,
+               scale=None, enable_gqa=False):
+        # by keyword after v: FA4's varlen takes ``qv`` fourth, FA3's the offsets
+        result = self.varlen_kernel_function(
+            query, key, value, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, softmax_scale=scale, causal=False, deterministic=deterministic(),
+        )
+        return first(result)
+
 
 class FlashAttn3Backend(_FlashWithoutDropout):
     name = "flash3"
@@ -78,6 +95,7 @@ class FlashAttn3Backend(_FlashWithoutDropout):
         pip="`pip install flash_attn_3` from the PyTorch wheel index for your CUDA, or by building flash-attention's hopper/",
     )
     function = "flash_attn_func"
+    varlen_function = "flash_attn_varlen_func"
     # kernels are built for sm80 and sm90a only; newer cards pass FA3's own check and then fail
     cuda_limits = Limits(**_FLASH_COMMON, head_dim_multiple=8, dropout=False, max_cuda_capability=(9, 0))
 
@@ -113,6 +131,7 @@ class FlashAttn4Backend(_FlashWithoutDropout):
         version_attribute=False,
     )
     function = "flash_attn_func"
+    varlen_function = "flash_attn_varlen_func"
     # FA4 registers no torch.library op: dynamo cannot trace its DLPack/JIT path (flex can run FA4 kernels)
     cuda_limits = Limits(**_FLASH_COMMON, head_dim_multiple=8, dropout=False, compile=False, max_cuda_capability=(12, 9))
 

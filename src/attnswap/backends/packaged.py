@@ -26,6 +26,8 @@ class PackagedBackend(Backend):
     package: OptionalPackage
     cuda_limits: Limits
     function: str = ""
+    #: the package's variable-length kernel (packed sequences), if it has one
+    varlen_function: str = ""
 
     @property
     def install_hint(self) -> str:  # type: ignore[override]
@@ -53,10 +55,23 @@ class PackagedBackend(Backend):
     def kernel_function(self) -> Any:
         return getattr(self.package.load(), self.function)
 
+    @functools.cached_property
+    def varlen_kernel_function(self) -> Any:
+        """The package's varlen kernel, or None (not declared, or not in this version)."""
+        return getattr(self.package.load(), self.varlen_function, None) if self.varlen_function else None
+
+    def varlen_reasons(self, facts: CallFacts) -> list[str]:
+        if not self.varlen_function:
+            return super().varlen_reasons(facts)
+        if self.unavailable_reason is None and self.varlen_kernel_function is None:
+            return [f"this {self.package.dist} has no {self.varlen_function}"]
+        return []
+
     def forget(self) -> None:
         """Look for the package again on the next call (after installing it, or in tests)."""
         self.package.forget()
         self.__dict__.pop("kernel_function", None)
+        self.__dict__.pop("varlen_kernel_function", None)
         self.__dict__.pop("unavailable_reason", None)
 
     @staticmethod

@@ -155,6 +155,7 @@ def register_backend(
     limits: Limits | dict[str, Limits] | None = None,
     description: str = "",
     exact: bool = True,
+    varlen: Callable[..., Any] | None = None,
 ) -> Any:
     """Register an attention function as a backend users can name in :func:`attnswap.patch`.
 
@@ -171,6 +172,13 @@ def register_backend(
             is assumed to accept every call.
         description: one line for :func:`list_backends`.
         exact: False for approximate kernels; the router never falls back to those.
+        varlen: optionally, the same attention over variable-length sequences packed along dim 0,
+            flash-attn's ``flash_attn_varlen_func`` convention: ``varlen(query, key, value,
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale=None,
+            enable_gqa=False)`` with ``[T, H, E]`` tensors and int32 ``[B + 1]`` offsets, returning
+            ``[Tq, H, Ev]``, no attention across sequences. A padded batch whose padding travels as
+            structure (NaFlexViT) then runs in one call on its valid tokens (``fn``'s limits and
+            ``supports`` apply to one sequence's unmasked call).
 
     Returns:
         ``fn`` unchanged (or a decorator that returns its function unchanged).
@@ -195,7 +203,9 @@ def register_backend(
             _check_supports_signature(name, supports)
         _check_limits(name, limits)
         accepted = _accepted_params(f)
-        kwargs = dict(supports=supports, limits=limits, description=description, exact=exact)
+        if varlen is not None and not callable(varlen):
+            raise AttnSwapError(f"backend {name!r}: `varlen` must be callable, got {type(varlen).__name__}")
+        kwargs = dict(supports=supports, limits=limits, description=description, exact=exact, varlen=varlen)
         if accepted is None or accepted == set(_SDPA_PARAMS):
             backend: Backend = FunctionBackend(name, f, **kwargs)
         else:

@@ -26,9 +26,12 @@ process-global and restore on exit what they found, so those pins hold :data:`PI
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import math
 import threading
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +221,42 @@ class SdpaBackend(Backend):
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
         )
+
+    def varlen_reasons(self, facts: CallFacts) -> list[str]:
+        """PyTorch's own varlen kernel (``torch.nn.attention.varlen.varlen_attn``: FlashAttention-2, or
+        cuDNN where it picks it), as its source checks: CUDA, fp16/bf16, equal head dims up to 256."""
+        fn, takes_gqa = torch_varlen()
+        if fn is None:
+            return [f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"]
+        out = []
+        if facts.device_type != "cuda":
+            return ["torch's varlen_attn runs on CUDA only"]
+        if facts.dtype not in _HALF:
+            out.append(f"dtype {str(facts.dtype)[6:]} (varlen_attn takes float16 and bfloat16)")
+        if facts.v_head_dim != facts.head_dim or facts.head_dim > 256 or facts.head_dim % 8:
+            out.append(f"head dims ({facts.head_dim}, {facts.v_head_dim}) (varlen_attn: equal, a multiple of 8, up to 256)")
+        if facts.grouped_heads and not takes_gqa:
+            out.append(f"grouped key/value heads (varlen_attn in torch {torch.__version__} has no enable_gqa)")
+        if cuda_capability(facts.device_index) < (8, 0):
+            out.append("varlen_attn needs compute capability >= 8.0")
+        return out
+
+    def varlen(self, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, lengths_q, lengths_k,
+               scale=None, enable_gqa=False):
+        fn, takes_gqa = torch_varlen()
+        extra = {"enable_gqa": True} if takes_gqa and key.shape[-2] != query.shape[-2] else {}
+        return fn(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def torch_varlen() -> tuple[Callable | None, bool]:
+    """``torch.nn.attention.varlen.varlen_attn`` where this torch has it, and whether it takes
+    ``enable_gqa`` (added after 2.11)."""
+    try:
+        fn = importlib.import_module("torch.nn.attention.varlen").varlen_attn
+    except (ImportError, AttributeError):
+        return None, False
+    return fn, "enable_gqa" in inspect.signature(fn).parameters
 
 
 class PinnedSdpaBackend(Backend):

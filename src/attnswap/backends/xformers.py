@@ -106,6 +106,19 @@ class XformersBackend(PackagedBackend):
             )
         return out
 
+    def varlen_reasons(self, facts: CallFacts) -> list[str]:
+        if self.unavailable_reason is None and getattr(getattr(self.package.load(), "fmha", None), "BlockDiagonalMask", None) is None:
+            return ["this xformers has no fmha.BlockDiagonalMask"]
+        if facts.grouped_heads:
+            return ["grouped or broadcast key/value heads in packed sequences (xformers' 5-D form is not taken here)"]
+        return []
+
+    def varlen(self, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, lengths_q, lengths_k,
+               scale=None, enable_gqa=False):
+        # packed sequences are one batch of 1 with a block-diagonal bias (xformers' own varlen form)
+        bias = self.package.load().fmha.BlockDiagonalMask.from_seqlens(lengths_q, lengths_k, device=query.device)
+        return self.kernel_function(query[None], key[None], value[None], attn_bias=bias, p=0.0, scale=scale)[0]
+
     def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         ops = self.package.load()
         batch, heads, q_len, _ = query.shape

@@ -14,8 +14,8 @@ import math
 from typing import Callable
 
 import torch
+import torch.fx
 import torch.nn.functional as F
-from torch.fx._symbolic_trace import is_fx_tracing
 
 from .builders import register_additive_builder, register_builder, register_method_builder, register_method_wrapper
 from .decomposed import KIND as DECOMPOSED, DecomposedRelPos
@@ -29,7 +29,10 @@ _Tensor = torch.Tensor
 def _is_compiling() -> bool:
     """A graph is being traced (dynamo, fx, jit): replacements run timm's own builder then, so the
     graph holds its tensor and nothing computed at trace time is baked into it."""
-    return torch.compiler.is_compiling() or is_fx_tracing() or torch.jit.is_tracing()
+    return torch.compiler.is_compiling() or _fx_tracing() or torch.jit.is_tracing()
+
+
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) or torch.fx._symbolic_trace.is_fx_tracing
 
 
 def _sam_decomposed(original: Callable) -> Callable:
@@ -307,3 +310,45 @@ def _bot_decomposed(original: Callable) -> Callable:
 
 register_method_builder("timm.layers.bottleneck_attn.PosEmbedRel", "forward", "1f2f3c6093bba56d", DECOMPOSED, _bot_decomposed)
 register_method_builder("timm.layers.halo_attn.PosEmbedRel", "forward", "09211bcd80510ad9", DECOMPOSED, _bot_decomposed)
+
+
+def _gemma4_padding(original: Callable) -> Callable:
+    """``Gemma4VitEncoder._encode``: timm builds a key-only ``[B, 1, 1, N]`` mask (−inf at padded
+    patches) inline and hands it to every block; here the blocks get it as the tokens' validity.
+    A batch with a sequence of padding only keeps timm's tensor: its rows are −inf everywhere,
+    which SDPA's kernels answer differently (NaN or 0), so there is no one answer to reproduce."""
+    checkpoint = original.__globals__["checkpoint"]
+
+    def _encode(self, x, position_ids, padding_positions, block_callback=None, max_block_index=None):
+        if padding_positions is None or type(x) is not _Tensor or type(padding_positions) is not _Tensor or _is_compiling():
+            return original(self, x, position_ids, padding_positions, block_callback, max_block_index)
+        valid = ~padding_positions
+        if bool(valid.all()) or not bool(valid.any(dim=1).all()):
+            return original(self, x, position_ids, padding_positions, block_callback, max_block_index)
+        # timm: gemma4_vit.Gemma4VitEncoder._encode
+        B, N = x.shape[:2]
+        rope_cos, rope_sin = self.rotary_emb(x, position_ids)
+
+        def build():
+            mask = torch.zeros(B, 1, 1, N, device=x.device, dtype=x.dtype)
+            mask.masked_fill_(padding_positions[:, None, None, :], float("-inf"))
+            return mask
+
+        attn_mask = KeyPadding(valid, False, 1, x.dtype, build)
+        if max_block_index is None:
+            blocks = self.blocks
+        else:
+            blocks = self.blocks[:max_block_index + 1]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, rope_cos, rope_sin, attn_mask)
+            else:
+                x = blk(x, rope_cos, rope_sin, attn_mask=attn_mask)
+            if block_callback is not None:
+                block_callback(i, x)
+        return x
+
+    return _encode
+
+
+register_method_builder("timm.models.gemma4_vit.Gemma4VitEncoder", "_encode", "c7b0e81ac17bd52b", KEY_PADDING, _gemma4_padding)
