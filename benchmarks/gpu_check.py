@@ -12,8 +12,9 @@
    and checked on CPU; this is where the CUDA ones are checked.
 4. Structured biases: each backend on a decomposed relative-position bias (SAM ViT's) and on a
    key-padding mask (NaFlexViT's), carried as structure: the form it took (from its parts, head
-   dim extended, per sequence, materialized), numerics against float64, and for the SAM global
-   layer shape time and peak memory against SDPA with timm's materialized bias.
+   dim extended, per sequence, packed for a varlen kernel, materialized), numerics against
+   float64; for the SAM global layer shape time and peak memory against SDPA with timm's
+   materialized bias; for a NaFlexViT batch (65% padding) time against masked SDPA.
 5. End to end: timm models in bf16 (inference) patched with each backend, and with ``auto``,
    against the same model unpatched, in the same process: images/s, speedup, relative error,
    fallbacks.
@@ -476,6 +477,38 @@ def structured(backends, device: torch.device, clock: Clock, smoke: bool) -> lis
         except Exception as exc:  # noqa: BLE001
             row["status"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
         rows.append(row)
+    # NaFlexViT batch (8 sequences padded to 577, 65% padding, 12 heads): time, bf16 forward
+    n = 64 if smoke else 577
+    lengths = [n, n * 4 // 9, n // 4, n // 9, n * 7 // 10, n // 6, n // 12, max(n // 36, 1)]
+    valid = torch.zeros(len(lengths), n, dtype=torch.bool, device=device)
+    for b, length in enumerate(lengths):
+        valid[b, :length] = True
+    keep = valid[:, None, :, None] & valid[:, None, None, :]
+    mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
+    q, k, v = (r(len(lengths), 12, n, 64, dtype=dtype, seed=i) for i in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float())
+    variants = {"unpatched (masked SDPA)": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
+    routers = {name: router_for(name, "naflex") for name in backends}
+    for name, router in routers.items():
+        variants[name] = lambda router=router: router.route(
+            q, k, v, attn_mask=KeyPadding(valid, True, n, dtype, lambda: mask))
+    for name, fn in variants.items():
+        if clock.left() <= 0:
+            rows.append(dict(backend=name, kind="NaFlexViT padded batch", status="skipped: time budget"))
+            continue
+        row = dict(backend=name, kind="NaFlexViT padded batch", dtype=str(dtype)[6:])
+        try:
+            with torch.no_grad():
+                row["fwd_rel_err"] = rel(fn(), reference)
+                row["ms"] = median_ms(fn, device, warmup=2, repeats=7)
+            if name in routers and routers[name].tallies():
+                row["form"] = routers[name].tallies()[0].structure[1]
+            row["status"] = "ok"
+        except attnswap.UnsupportedCall as exc:
+            row["status"] = refusal(exc)
+        except Exception as exc:  # noqa: BLE001
+            row["status"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+        rows.append(row)
     return rows
 
 
@@ -515,7 +548,7 @@ def print_tables(result: dict) -> None:
           r["status"]) for r in result.get("pinned", [])],
     ))
     print(render_table(
-        "structured biases: form taken, numerics vs float64 (decomposed rel-pos, key padding); SAM global layer speed",
+        "structured biases: form taken, numerics vs float64 (decomposed rel-pos, key padding); SAM global layer and NaFlexViT batch speed",
         ("backend", "kind", "dtype", "form", "forward", "backward", "ms", "peak MB", "status"),
         [(r["backend"], r["kind"], r.get("dtype", ""), r.get("form", ""), fmt(r.get("fwd_rel_err")), fmt(r.get("bwd_rel_err")),
           fmt(r.get("ms"), ".2f"), fmt(r.get("peak_mb"), ".0f"),

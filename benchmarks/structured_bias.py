@@ -14,7 +14,11 @@ what was allocated before it (CPU allocator events recorded by the profiler, in 
 its own). Time: median over ``--repeats`` forwards, variants interleaved round by round.
 Error: max |out - unpatched| / max |unpatched|.
 
-    python benchmarks/structured_bias.py [--model samvit_base_patch16] [--size 1024] [--repeats 3]
+Other structures: ``--model swin_tiny_patch4_window7_224 --size 224 --batch 32`` (shifted
+windows: the [B·nW, H, 49, 49] mask and bias timm expands for every shifted block), or
+``--model beit_large_patch16_512 --size 512`` (a [1, 16, 1025, 1025] table gather per layer).
+
+    python benchmarks/structured_bias.py [--model samvit_base_patch16] [--size 1024] [--batch 1] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="samvit_base_patch16")
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--budget-mb", type=float, help="forms.MATERIALIZE_BUDGET for the sdpa variant (default: attnswap's)")
@@ -64,7 +69,7 @@ def main() -> None:
     variants = args.variants.split(",")
 
     model = build(args.model, args.size)
-    x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
     budget = forms.MATERIALIZE_BUDGET
 
     def setup(variant: str) -> None:
@@ -101,7 +106,7 @@ def main() -> None:
     setup("unpatched")
 
     base = results.get("unpatched")
-    print(f"{args.model} @ {args.size}, batch 1, float32, forward_features, torch {torch.__version__}, "
+    print(f"{args.model} @ {args.size}, batch {args.batch}, float32, forward_features, torch {torch.__version__}, "
           f"timm {timm.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"{datetime.date.today()}")
     print("| variant | bias reached the kernel as | forward s (median) | vs unpatched | peak growth MB | vs unpatched | rel. error |")
@@ -113,7 +118,7 @@ def main() -> None:
         err = "—" if r["error"] is None or variant == "unpatched" else f"{r['error']:.1e}"
         print(f"| {variant} | {'; '.join(r['forms']) or '—'} | {r['median_s']:.2f} | {t_ratio:.2f}x | "
               f"{r['peak_mb']:.0f} | {m_ratio:.1f}x less | {err} |")
-    write_json(args.json, {"model": args.model, "size": args.size, "torch": torch.__version__, "results": results})
+    write_json(args.json, {"model": args.model, "size": args.size, "batch": args.batch, "torch": torch.__version__, "results": results})
 
 
 def routing_of(module: torch.nn.Module):
