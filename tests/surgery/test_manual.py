@@ -271,12 +271,12 @@ def test_softmax_that_is_not_attention_is_never_touched():
     assert not report.patched and report.sites and all(s.status == "not attention" for s in report.sites)
 
 
-def test_einsum_attention_is_reported_not_followed():
+def test_einsum_attention_is_followed():
     from timm.layers.attention2d import MultiQueryAttentionV2
 
     report = attnswap.patch(MultiQueryAttentionV2(16, 16, num_heads=2))
     (site,) = report.sites
-    assert site.status == "not routed" and "einsum" in site.reason
+    assert site.status == "patched" and site.how == "hand-written"  # (tests/surgery/test_einsum.py)
 
 
 def test_math_of_scale_is_exact_for_sdpa_default():

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from ..routing import ROUTER_ATTR
-from .scores import Lazy, additive, scores_or_product
+from .scores import Lazy, additive, einsum_scores, scores_or_product
 from .source import Missing, compile_like, local_names, parse_method, resolve, self_name
 
 #: classes with softmax attention that one SDPA call cannot compute: left alone, with the reason
@@ -63,12 +63,17 @@ NOT_ATTENTION: dict[str, str] = {
 ADDITIVE: tuple[str, ...] = ("timm.models.mvitv2.cal_rel_pos_type",)
 
 MM_HELPER = "__attnswap_mm__"
+EINSUM_HELPER = "__attnswap_einsum__"
 ADDITIVE_HELPER = "__attnswap_additive__"
 SETTLE_HELPER = "__attnswap_settle__"
 
 
 def _mm(module: torch.nn.Module, a: Any, b: Any, bmm: bool = False) -> Any:
     return scores_or_product(module.__dict__.get(ROUTER_ATTR), a, b, torch.bmm if bmm else operator.matmul)
+
+
+def _einsum(module: torch.nn.Module, equation: Any, *operands: Any) -> Any:
+    return einsum_scores(module.__dict__.get(ROUTER_ATTR), equation, *operands)
 
 
 def _additive(module: torch.nn.Module, fn: Callable, scores: Any, *args: Any, **kwargs: Any) -> Any:
@@ -83,7 +88,7 @@ def _settle(value: Any) -> Any:
     return value
 
 
-HELPERS: dict[str, Any] = {MM_HELPER: _mm, ADDITIVE_HELPER: _additive, SETTLE_HELPER: _settle}
+HELPERS: dict[str, Any] = {MM_HELPER: _mm, EINSUM_HELPER: _einsum, ADDITIVE_HELPER: _additive, SETTLE_HELPER: _settle}
 
 
 @functools.lru_cache(maxsize=None)
@@ -261,6 +266,12 @@ class _Rewriter(ast.NodeTransformer):
         kind = self.p.product_kind(node) if key in self.rewrite else None
         is_additive = self._is_additive(node)
         self.generic_visit(node)
+        if kind == "einsum" and not node.keywords:
+            self.count += 1
+            return ast.copy_location(
+                ast.Call(func=ast.Name(id=EINSUM_HELPER, ctx=ast.Load()), args=[self._self(), *node.args], keywords=[]),
+                node,
+            )
         if kind in ("matmul", "bmm"):
             self.count += 1
             extra = [ast.Constant(value=True)] if kind == "bmm" else []
@@ -296,10 +307,7 @@ def rewrite_manual(fn: Callable, *, is_method: bool) -> tuple[Callable, int] | s
     products.run(funcdef)
     if not products.feeding:
         return None
-    einsum_only = products.feeding <= products.einsums
-    rewrite = products.feeding - products.einsums
-    if not rewrite:
-        return "computes attention with torch.einsum, which attnswap does not follow" if einsum_only else None
+    rewrite = products.feeding
     if self_arg is None:
         return "computes attention outside an instance method, so there is no router to reach"
     rewriter = _Rewriter(products, rewrite, is_forward=fn.__name__ == "forward")

@@ -534,6 +534,11 @@ class Probs(Lazy):
             return self._dropout(func, args, kwargs, p, training)
         if func in _MATMUL_FUNCS and len(args) == 2:
             return self._symbolic_binary(operator.matmul, args[1] if args[0] is self else args[0], args[1] is self)
+        if func is torch.einsum and not kwargs:
+            operands = args[1:] if len(args) != 2 or not isinstance(args[1], (list, tuple)) else tuple(args[1])
+            if len(operands) == 2 and operands[0] is self:
+                out = _einsum_probs_v(self.router, self.sym, args[0], self, operands[1])
+                return NotImplemented if out is None else out
         if func in (_Tensor.transpose, torch.transpose) and args and args[0] is self:
             return self.transpose(*args[1:3])
         return NotImplemented
@@ -664,6 +669,103 @@ def scores_or_product(router: Any, a: Any, b: Any, op: Callable = operator.matmu
         return op(a, b)
     shape = (*lead, a.shape[-2], b.shape[-1])
     return Scores(router, (op, (a, b), {}), _ScoresSym(a, b.transpose(-2, -1), shape))
+
+
+def _einsum_specs(equation: Any, operands: tuple) -> tuple[list[str], str] | None:
+    """``equation``'s operand and output subscripts, ``...`` spelled out as letters the equation
+    does not use and spaces dropped; None for an implicit output, repeated letters in one
+    operand or anything else attention is not written with."""
+    if not isinstance(equation, str) or "->" not in equation:
+        return None
+    lhs, out = equation.replace(" ", "").split("->")
+    specs = lhs.split(",")
+    if len(specs) != len(operands) or not all(isinstance(t, (_Tensor, Lazy)) for t in operands):
+        return None
+    spare = [c for c in "ZYXWVUTSRQPONMLKJIHGFEDCBAzyxwvutsrqponmlkjihgfedcba" if c not in equation]
+    widest = max((t.dim() - (len(sp) - 3) for sp, t in zip(specs, operands) if "..." in sp), default=0)
+    if widest > len(spare):
+        return None
+    dots = "".join(spare[:widest])
+    expanded = []
+    for sp, t in zip(specs, operands):
+        if "..." in sp:
+            n = t.dim() - (len(sp) - 3)
+            sp = sp.replace("...", dots[widest - n:] if n else "")
+        if len(sp) != t.dim() or len(set(sp)) != len(sp) or not sp.isalpha():
+            return None
+        expanded.append(sp)
+    out = out.replace("...", dots)
+    if len(set(out)) != len(out) or not out.isalpha():
+        return None
+    return expanded, out
+
+
+def _arranged(t: _Tensor, spec: str, order: str) -> _Tensor:
+    """``t`` (subscripts ``spec``) with its dims in ``order``, size 1 where ``spec`` lacks a letter (views)."""
+    present = [c for c in order if c in spec]
+    t = t.permute([spec.index(c) for c in present])
+    for pos, c in enumerate(order):
+        if c not in spec:
+            t = t.unsqueeze(pos)
+    return t
+
+
+def einsum_scores(router: Any, equation: Any, *operands: Any) -> Any:
+    """``torch.einsum(equation, a, b)`` as the module wrote it, or a :class:`Scores` when it is
+    ``q·kᵀ``: one contracted letter (the head dim), the output ending in a letter of ``a`` only
+    (query rows) and one of ``b`` only (keys), every other letter a batch dim of the output (in
+    both operands, or broadcast from one: multi-query k/v). The scores replay the einsum itself."""
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    parsed = None
+    if router is not None and len(operands) == 2 and not torch.compiler.is_compiling():
+        a, b = operands
+        if _is_plain_tensor(a) and _is_plain_tensor(b) and a.dtype == b.dtype and a.dtype.is_floating_point and a.device == b.device:
+            parsed = _einsum_specs(equation, operands)
+    if parsed is None:
+        return torch.einsum(equation, *operands)
+    (sa, sb), out = parsed
+    contracted = [c for c in sa if c in sb and c not in out]
+    if len(contracted) != 1 or len(out) < 2:
+        return torch.einsum(equation, *operands)
+    d, batch, i, j = contracted[0], out[:-2], out[-2], out[-1]
+    # rows are independent in attention: the output's last two letters are query and key, every
+    # other output letter is a batch dim, in both operands or broadcast from one (multi-query)
+    if i not in sa or i in sb or j not in sb or j in sa:
+        return torch.einsum(equation, *operands)
+    if any(c not in batch + i + d for c in sa) or any(c not in batch + j + d for c in sb):
+        return torch.einsum(equation, *operands)  # a letter summed away that is not the head dim
+    q = _arranged(a, sa, batch + i + d)
+    k = _arranged(b, sb, batch + j + d)
+    lead = broadcast(q.shape[:-2], k.shape[:-2])
+    if lead is None:
+        return torch.einsum(equation, *operands)
+    shape = (*lead, q.shape[-2], k.shape[-2])
+    return Scores(router, (torch.einsum, (equation, a, b), {}), _ScoresSym(q, k, shape))
+
+
+def _einsum_probs_v(router: Any, probs: _ProbsSym, equation: Any, p_operand: Any, v: Any) -> _Tensor | None:
+    """``torch.einsum(equation, P, v)`` for symbolic probabilities ``P``: the router call, its
+    output in the equation's layout; None when the einsum is not ``P·v`` over the key letter."""
+    if probs.transposed or not _is_plain_tensor(v):
+        return None
+    parsed = _einsum_specs(equation, (p_operand, v))
+    if parsed is None:
+        return None
+    (sp, sv), out = parsed
+    if len(sp) != len(probs.shape):
+        return None
+    batch, i, j = sp[:-2], sp[-2], sp[-1]
+    free = [c for c in sv if c not in sp]
+    if len(free) != 1 or j not in sv or j in out or any(c not in batch + j for c in sv if c != free[0]):
+        return None
+    canonical = batch + i + free[0]
+    if sorted(out) != sorted(canonical):
+        return None
+    result = _route_probs(router, probs, _arranged(v, sv, batch + j + free[0]))
+    if result is None or out == canonical:
+        return result
+    return result.permute([canonical.index(c) for c in out]).contiguous()
 
 
 def additive(router: Any, fn: Callable, scores: Any, *args: Any, **kwargs: Any) -> Any:
