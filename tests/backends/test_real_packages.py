@@ -49,6 +49,25 @@ def test_signature_is_the_fakes(module, function, make_fake):
     assert _parameters(real) == _parameters(fake)
 
 
+@pytest.mark.parametrize(
+    "module, make_fake",
+    [("flash_attn", fakes.flash_attn_2), ("flash_attn_interface", fakes.flash_attn_3), ("flash_attn.cute", fakes.flash_attn_4)],
+)
+def test_varlen_signature_is_the_fakes(module, make_fake):
+    real = _real(module).flash_attn_varlen_func
+    assert _parameters(real) == _parameters(make_fake(fakes.Recorder()).flash_attn_varlen_func)
+
+
+def test_xformers_block_diagonal_mask_is_the_fakes():
+    xops = _real("xformers.ops")
+    real = xops.fmha.BlockDiagonalMask
+    assert _parameters(real.from_seqlens) == _parameters(fakes.BlockDiagonalMask.from_seqlens)
+    q_lengths, k_lengths = [3, 1, 4], [5, 2, 4]
+    mask = real.from_seqlens(q_lengths, k_lengths, device=torch.device("cpu"))
+    fake = fakes.BlockDiagonalMask.from_seqlens(q_lengths, k_lengths, device=torch.device("cpu"))
+    assert torch.equal(mask.materialize((8, 11)), fake.materialize((8, 11)))
+
+
 def test_xformers_causal_mask_is_top_left_like_sdpa():
     # the adapter maps is_causal to LowerTriangularMask; SDPA's causal is top-left for q_len != kv_len
     xops = _real("xformers.ops")
