@@ -26,8 +26,7 @@ calls are rewritten so the bias is computed from zeros and added.
 from __future__ import annotations
 
 import ast
-import functools
-import importlib
+import inspect
 import operator
 from typing import Any, Callable
 
@@ -59,8 +58,12 @@ NOT_ATTENTION: dict[str, str] = {
     ),
 }
 
-#: functions that return ``scores + g(...)`` (written in place into a slice of ``scores``)
-ADDITIVE: tuple[str, ...] = ("timm.models.mvitv2.cal_rel_pos_type",)
+#: functions that return ``scores + g(...)`` (written in place into a slice of ``scores``), by
+#: ``module.qualname`` (matched without importing their libraries)
+ADDITIVE: frozenset[str] = frozenset({
+    "timm.models.mvitv2.cal_rel_pos_type",
+    "torchvision.models.video.mvit._add_rel_pos",
+})
 
 MM_HELPER = "__attnswap_mm__"
 EINSUM_HELPER = "__attnswap_einsum__"
@@ -89,18 +92,6 @@ def _settle(value: Any) -> Any:
 
 
 HELPERS: dict[str, Any] = {MM_HELPER: _mm, EINSUM_HELPER: _einsum, ADDITIVE_HELPER: _additive, SETTLE_HELPER: _settle}
-
-
-@functools.lru_cache(maxsize=None)
-def _additive_functions() -> tuple[Callable, ...]:
-    found = []
-    for dotted in ADDITIVE:
-        module_name, _, name = dotted.rpartition(".")
-        try:
-            found.append(getattr(importlib.import_module(module_name), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
 
 
 def class_label(cls: type) -> str:
@@ -295,7 +286,8 @@ class _Rewriter(ast.NodeTransformer):
         if not node.args or any(isinstance(a, ast.Starred) for a in node.args[:1]):
             return False
         target = self.p._resolved(node.func)
-        return any(target is fn for fn in _additive_functions())
+        name = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
+        return inspect.isfunction(target) and name in ADDITIVE
 
 
 def rewrite_manual(fn: Callable, *, is_method: bool) -> tuple[Callable, int] | str | None:
