@@ -56,20 +56,25 @@ def test_einsum_attention_is_routed_and_exact(form, backend, as_list):
 
 
 @pytest.mark.parametrize(
-    "scores_eq, probs_eq",
+    "scores_eq, probs_eq, routed",
     [
-        ("bhid,bhjd->bhji", "bhji,bhid->bhjd"),  # keys before queries in the output: not q·kᵀ's layout
-        ("bhid,bhjd->bhij", "bhij,bhjd->bhdi"),  # P·v returned transposed: routed, then permuted
-        ("bhid,bhjd->bij", "bij,bhjd->bid"),  # heads summed away with d
+        ("bhid,bhjd->bhji", "bhji,bhid->bhjd", False),  # keys before queries in the output: not q·kᵀ's layout
+        ("bhid,bhjd->bhij", "bhij,bhjd->bhdi", True),  # P·v returned transposed: routed, then permuted
+        ("bhid,bhjd->bij", "bij,bhjd->bid", False),  # heads summed away with d
     ],
 )
-def test_other_einsum_layouts_compute_what_the_module_computes(scores_eq, probs_eq):
+def test_other_einsum_layouts_compute_what_the_module_computes(scores_eq, probs_eq, routed):
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
     module = einsum_attention(scores_eq, probs_eq, 0.3)
     ref = module(q, k, v)
     attnswap.patch(module, backend="sdpa")
     torch.testing.assert_close(module(q, k, v), ref, rtol=1e-12, atol=1e-12)
+    (site,) = attnswap.stats(module)
+    if routed:
+        assert site.calls == {"sdpa": 1} and not site.unrouted
+    else:  # computed as written, and counted with the reason
+        assert not site.calls and list(site.unrouted) == [f"einsum {scores_eq!r} is not q·kᵀ in a layout attention can take"]
 
 
 def test_timm_multi_query_attention_v2_routes():

@@ -723,25 +723,32 @@ def einsum_scores(router: Any, equation: Any, *operands: Any) -> Any:
         if _is_plain_tensor(a) and _is_plain_tensor(b) and a.dtype == b.dtype and a.dtype.is_floating_point and a.device == b.device:
             parsed = _einsum_specs(equation, operands)
     if parsed is None:
-        return torch.einsum(equation, *operands)
+        return _plain_einsum(router, equation, operands)
     (sa, sb), out = parsed
     contracted = [c for c in sa if c in sb and c not in out]
     if len(contracted) != 1 or len(out) < 2:
-        return torch.einsum(equation, *operands)
+        return _plain_einsum(router, equation, operands)
     d, batch, i, j = contracted[0], out[:-2], out[-2], out[-1]
     # rows are independent in attention: the output's last two letters are query and key, every
     # other output letter is a batch dim, in both operands or broadcast from one (multi-query)
     if i not in sa or i in sb or j not in sb or j in sa:
-        return torch.einsum(equation, *operands)
+        return _plain_einsum(router, equation, operands)
     if any(c not in batch + i + d for c in sa) or any(c not in batch + j + d for c in sb):
-        return torch.einsum(equation, *operands)  # a letter summed away that is not the head dim
+        return _plain_einsum(router, equation, operands)  # a letter summed away that is not the head dim
     q = _arranged(a, sa, batch + i + d)
     k = _arranged(b, sb, batch + j + d)
     lead = broadcast(q.shape[:-2], k.shape[:-2])
     if lead is None:
-        return torch.einsum(equation, *operands)
+        return _plain_einsum(router, equation, operands)
     shape = (*lead, q.shape[-2], k.shape[-2])
     return Scores(router, (torch.einsum, (equation, a, b), {}), _ScoresSym(q, k, shape))
+
+
+def _plain_einsum(router: Any, equation: Any, operands: tuple) -> _Tensor:
+    """The einsum as written, counted as unrouted when it feeds a softmax at a routed site."""
+    if router is not None and not torch.compiler.is_compiling():
+        router.note_settled(f"einsum {equation!r} is not q·kᵀ in a layout attention can take")
+    return torch.einsum(equation, *operands)
 
 
 def _einsum_probs_v(router: Any, probs: _ProbsSym, equation: Any, p_operand: Any, v: Any) -> _Tensor | None:
