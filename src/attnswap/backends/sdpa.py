@@ -225,12 +225,12 @@ class SdpaBackend(Backend):
     def varlen_reasons(self, facts: CallFacts) -> list[str]:
         """PyTorch's own varlen kernel (``torch.nn.attention.varlen.varlen_attn``: FlashAttention-2, or
         cuDNN where it picks it), as its source checks: CUDA, fp16/bf16, equal head dims up to 256."""
+        if facts.device_type != "cuda":
+            return ["torch's varlen_attn runs on CUDA only"]
         fn, takes_gqa = torch_varlen()
         if fn is None:
             return [f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"]
         out = []
-        if facts.device_type != "cuda":
-            return ["torch's varlen_attn runs on CUDA only"]
         if facts.dtype not in _HALF:
             out.append(f"dtype {str(facts.dtype)[6:]} (varlen_attn takes float16 and bfloat16)")
         if facts.v_head_dim != facts.head_dim or facts.head_dim > 256 or facts.head_dim % 8:

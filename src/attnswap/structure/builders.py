@@ -58,7 +58,8 @@ _method_builders: dict[tuple[str, str], Builder] = {}
 _method_wrappers: dict[tuple[str, str], Builder] = {}
 #: target -> Builder for functions that add a bias to hand-written scores
 _additive_builders: dict[str, Builder] = {}
-_replacements: dict[Callable, Callable | None] = {}
+#: (what, function) -> its replacement (None: not replaced), made once per function
+_replacements: dict[tuple[str, Callable], Any] = {}
 _loaded: set[str] = set()
 _lock = threading.RLock()
 #: builders found with code that differs from the registered fingerprint: target -> reason
@@ -98,20 +99,24 @@ def register_additive_builder(target: str, fingerprint: str, kind: str, make: Ca
     let ``fn`` run), used only while ``fn`` has this ``fingerprint``."""
     with _lock:
         _additive_builders[target] = Builder(target, fingerprint, kind, make)
+        _replacements.clear()
 
 
 def additive_bias_for(fn: Callable) -> Callable | None:
     """The ``bias_of`` registered for the additive function ``fn`` (see
-    :func:`register_additive_builder`), or None."""
+    :func:`register_additive_builder`), or None. Asked at every call of ``fn``: the answer is
+    cached per function (without the lock) once known."""
+    key = ("additive", fn)
+    if key in _replacements:
+        return _replacements[key]
     target = _target(fn)
-    if target is None:
-        return None
     with _lock:
-        _load_room(fn.__module__)
-        builder = _additive_builders.get(target)
+        _load_room(getattr(fn, "__module__", "") or "")
+        builder = None if target is None else _additive_builders.get(target)
         if builder is None:
+            _replacements[key] = None
             return None
-        return _made(("additive", fn), builder, lambda: builder.make(fn))
+        return _made(key, builder, lambda: builder.make(fn))
 
 
 def method_replacements_for(cls: type) -> dict[str, tuple[Callable, str]]:
@@ -138,19 +143,19 @@ def method_wrappers_for(cls: type) -> dict[str, tuple[Callable[[Callable], Calla
 def _known_methods(cls: type, registry: dict[tuple[str, str], Builder]) -> list[tuple[str, Callable, Builder]]:
     """(name, function, builder) for each method of ``cls`` registered in ``registry``, as the
     class resolves it (one overridden below the registered class is not the code it knows)."""
-    found = []
+    found: dict[str, tuple[str, Callable, Builder]] = {}
     with _lock:
         _load_room(getattr(cls, "__module__", "") or "")
         for klass in cls.__mro__:
             _load_room(getattr(klass, "__module__", "") or "")
             target = _target(klass)
             for (cls_target, method), builder in registry.items():
-                if cls_target != target or method not in vars(klass) or any(f[0] == method for f in found):
+                if cls_target != target or method not in vars(klass) or method in found:
                     continue
                 fn = vars(klass)[method]
                 if getattr(cls, method, None) is fn:
-                    found.append((method, fn, builder))
-    return found
+                    found[method] = (method, fn, builder)
+    return list(found.values())
 
 
 def _made(key: Any, builder: Builder, make: Callable[[], Any]) -> Any:
@@ -159,12 +164,13 @@ def _made(key: Any, builder: Builder, make: Callable[[], Any]) -> Any:
     with _lock:
         if key not in _replacements:
             made = None
-            if fingerprint(key[1]) == builder.fingerprint:
+            actual = fingerprint(key[1])
+            if actual == builder.fingerprint:
                 made = make()
             else:
                 skipped[builder.target] = (
-                    f"{builder.target} differs from the code attnswap's structured form was written for: "
-                    "its bias is built as a tensor"
+                    f"{builder.target} differs from the code attnswap's structured form was written for "
+                    f"(fingerprint {actual}, known {builder.fingerprint}): its bias is built as a tensor"
                 )
             _replacements[key] = made
         return _replacements[key]
@@ -207,20 +213,9 @@ def replacement_for(fn: Any) -> tuple[Callable, str] | None:
     if target is None:
         return None
     with _lock:
-        if fn in _replacements:
-            found = _replacements[fn]
-            return None if found is None else (found, _builders[target].kind)
         _load_room(fn.__module__)
         builder = _builders.get(target)
-        made = None
-        if builder is not None:
-            actual = fingerprint(fn)
-            if actual == builder.fingerprint:
-                made = functools.wraps(fn)(builder.make(fn))
-            else:
-                skipped[target] = (
-                    f"{target} differs from the code attnswap's structured form was written for "
-                    f"(fingerprint {actual}, known {builder.fingerprint}): its bias is built as a tensor"
-                )
-        _replacements[fn] = made
+        if builder is None:
+            return None
+        made = _made(("function", fn), builder, lambda: functools.wraps(fn)(builder.make(fn)))
         return None if made is None else (made, builder.kind)

@@ -6,7 +6,8 @@ scores between tokens that came from different regions of the image before the c
 ``mask [nW, N, N]`` holds 0 or −100 (timm's value, kept: not −inf). timm expands it to every
 image and head and adds the window's relative-position bias, so the call gets a
 ``[B_, H, N, N]`` tensor, B times the mask's size. The structure keeps the parts: the bias of
-one window (a :class:`~.table.TableGather`, or a ``[1, H, N, N]`` tensor) and the mask; score
+one window (a :class:`~.table.TableGather`, another structure, or a ``[1, H, N, N]``
+tensor) and the mask; score
 ``(b_, h, q, kv)`` is ``bias[h, q, kv] + mask[b_ % nW, q, kv]``.
 """
 
@@ -26,7 +27,7 @@ class WindowedBias(StructuredMask):
 
     kind = KIND
 
-    def __init__(self, bias: torch.Tensor | TableGather, mask: torch.Tensor, batch: int, heads: int) -> None:
+    def __init__(self, bias: torch.Tensor | StructuredMask, mask: torch.Tensor, batch: int, heads: int) -> None:
         windows, n = mask.shape[0], mask.shape[-1]
         if batch % windows:
             raise ValueError(f"{batch} windows in the batch is not a multiple of the mask's {windows}")

@@ -34,7 +34,6 @@ from torch.utils._pytree import tree_map
 from ..call import broadcast
 from ..structure.base import StructuredMask
 from ..structure.builders import additive_bias_for
-from ..structure.table import TableGather
 from ..structure.windows import WindowedBias
 
 _Tensor = torch.Tensor
@@ -339,13 +338,10 @@ def _windowed(sym: _ScoresSym) -> WindowedBias | None:
         return None
     if tuple((1,) * (4 - bias.dim()) + tuple(bias.shape)) != (1, heads, n, n):
         return None
-    if isinstance(bias, StructuredMask):
-        if not isinstance(bias, TableGather) or bias.prefix:
-            return None
-    elif not _is_plain_tensor(bias):
-        return None
-    else:
+    if _is_plain_tensor(bias):
         bias = bias.reshape(1, heads, n, n)
+    elif not isinstance(bias, StructuredMask):
+        return None
     return WindowedBias(bias, mask.reshape(windows, n, n), base[0], heads)
 
 
