@@ -457,26 +457,16 @@ def structured(backends, device: torch.device, clock: Clock, smoke: bool) -> lis
     for name in backends:
         router = router_for(name, "sam")
         variants[name] = lambda router=router: router.route(q, k, v, attn_mask=DecomposedRelPos(rel_h, rel_w))
-    for name, fn in variants.items():
-        if clock.left() <= 0:
-            rows.append(dict(backend=name, kind="SAM global layer", status="skipped: time budget"))
-            continue
-        row = dict(backend=name, kind="SAM global layer", dtype=str(dtype)[6:])
-        try:
-            with torch.no_grad():
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                    base = torch.cuda.memory_allocated(device)
-                    fn()
-                    row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-                row["ms"] = median_ms(fn, device, warmup=1, repeats=5)
-            row["status"] = "ok"
-        except attnswap.UnsupportedCall as exc:
-            row["status"] = refusal(exc)
-        except Exception as exc:  # noqa: BLE001
-            row["status"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
-        rows.append(row)
+    def sam_memory_and_time(name, fn, row):
+        fn()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            fn()
+            row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        row["ms"] = median_ms(fn, device, warmup=1, repeats=5)
+
+    rows.extend(_measure_variants(variants, "SAM global layer", dtype, clock, sam_memory_and_time))
     # NaFlexViT batch (8 sequences padded to 577, 65% padding, 12 heads): time, bf16 forward
     n = 64 if smoke else 577
     lengths = [n, n * 4 // 9, n // 4, n // 9, n * 7 // 10, n // 6, n // 12, max(n // 36, 1)]
@@ -492,21 +482,32 @@ def structured(backends, device: torch.device, clock: Clock, smoke: bool) -> lis
     for name, router in routers.items():
         variants[name] = lambda router=router: router.route(
             q, k, v, attn_mask=KeyPadding(valid, True, n, dtype, lambda: mask))
+    def naflex_error_and_time(name, fn, row):
+        row["fwd_rel_err"] = rel(fn(), reference)
+        row["ms"] = median_ms(fn, device, warmup=2, repeats=7)
+        if name in routers and routers[name].tallies():
+            row["form"] = routers[name].tallies()[0].structure[1]
+
+    rows.extend(_measure_variants(variants, "NaFlexViT padded batch", dtype, clock, naflex_error_and_time))
+    return rows
+
+
+def _measure_variants(variants: dict, kind: str, dtype: torch.dtype, clock: Clock, measure: Callable) -> list[dict]:
+    """One row per variant: ``measure(name, fn, row)`` under ``no_grad`` fills it; a refusal or a
+    failure is the row's status (a finding, not a crash); variants past the time budget are skipped."""
+    rows = []
     for name, fn in variants.items():
         if clock.left() <= 0:
-            rows.append(dict(backend=name, kind="NaFlexViT padded batch", status="skipped: time budget"))
+            rows.append(dict(backend=name, kind=kind, status="skipped: time budget"))
             continue
-        row = dict(backend=name, kind="NaFlexViT padded batch", dtype=str(dtype)[6:])
+        row = dict(backend=name, kind=kind, dtype=str(dtype)[6:])
         try:
             with torch.no_grad():
-                row["fwd_rel_err"] = rel(fn(), reference)
-                row["ms"] = median_ms(fn, device, warmup=2, repeats=7)
-            if name in routers and routers[name].tallies():
-                row["form"] = routers[name].tallies()[0].structure[1]
+                measure(name, fn, row)
             row["status"] = "ok"
         except attnswap.UnsupportedCall as exc:
             row["status"] = refusal(exc)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a failure is a finding
             row["status"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
         rows.append(row)
     return rows
