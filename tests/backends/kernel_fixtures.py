@@ -11,7 +11,7 @@ import torch
 
 from attnswap.backends import base, get_backend, packaged
 from attnswap.call import CallFacts
-from fakes import Recorder
+from fakes import Recorder, flash_attn_2, flash_attn_3, flash_attn_4
 
 
 @pytest.fixture
@@ -37,6 +37,24 @@ def install(monkeypatch):
     yield install
     for backend in touched:
         backend.forget()
+
+
+@pytest.fixture
+def flash_fakes(install, recorder, monkeypatch):
+    """Install the flash-attn 2, FA3 and FA4 fakes; FA4's version comes from its distribution's metadata."""
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda dist: "4.0.0b27" if dist == "flash-attn-4" else real_version(dist)
+    )
+    flash_pkg = flash_attn_2(recorder)
+    flash_pkg.cute = flash_attn_4(recorder)
+    return {
+        "flash": install("flash", {"flash_attn": flash_pkg}),
+        "flash3": install("flash3", {"flash_attn_interface": flash_attn_3(recorder)}),
+        "flash4": install("flash4", {"flash_attn": flash_pkg, "flash_attn.cute": flash_pkg.cute}),
+    }
 
 
 @pytest.fixture

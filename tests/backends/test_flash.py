@@ -12,6 +12,7 @@ from kernel_fixtures import (  # noqa: F401 (fixtures)
     as_if_on_cuda,
     assert_matches,
     cuda_facts,
+    flash_fakes,
     gpu,
     install,
     reasons,
@@ -24,24 +25,6 @@ FLASH = ["flash", "flash3", "flash4"]
 
 def half(*shape, dtype=torch.float16, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-@pytest.fixture
-def flash_fakes(install, recorder, monkeypatch):
-    """Install all three fakes; FA4's version comes from its distribution's metadata."""
-    import importlib.metadata
-
-    real_version = importlib.metadata.version
-    monkeypatch.setattr(
-        importlib.metadata, "version", lambda dist: "4.0.0b27" if dist == "flash-attn-4" else real_version(dist)
-    )
-    flash_pkg = flash_attn_2(recorder)
-    flash_pkg.cute = flash_attn_4(recorder)
-    return {
-        "flash": install("flash", {"flash_attn": flash_pkg}),
-        "flash3": install("flash3", {"flash_attn_interface": flash_attn_3(recorder)}),
-        "flash4": install("flash4", {"flash_attn": flash_pkg, "flash_attn.cute": flash_pkg.cute}),
-    }
 
 
 @pytest.mark.parametrize("name", FLASH)

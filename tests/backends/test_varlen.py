@@ -12,11 +12,12 @@ from attnswap.backends import get_backend
 from attnswap.backends import sdpa as sdpa_module
 from attnswap.routing import Policy, Router
 from attnswap.structure import replacement_for
-from fakes import Recorder, flash_attn_2, flash_attn_3, flash_attn_4, xformers_ops, xformers_top
+from fakes import flash_attn_2, xformers_ops, xformers_top
 from kernel_fixtures import (  # noqa: F401 (fixtures)
     as_if_on_cuda,
     assert_matches,
     cuda_facts,
+    flash_fakes,
     gpu,
     install,
     recorder,
@@ -28,21 +29,8 @@ padding_mask = replacement_for(naflex.create_attention_mask)[0]
 
 
 @pytest.fixture
-def kernels(install, recorder, monkeypatch):
-    import importlib.metadata
-
-    real_version = importlib.metadata.version
-    monkeypatch.setattr(
-        importlib.metadata, "version", lambda dist: "4.0.0b27" if dist == "flash-attn-4" else real_version(dist)
-    )
-    flash_pkg = flash_attn_2(recorder)
-    flash_pkg.cute = flash_attn_4(recorder)
-    return {
-        "flash": install("flash", {"flash_attn": flash_pkg}),
-        "flash3": install("flash3", {"flash_attn_interface": flash_attn_3(recorder)}),
-        "flash4": install("flash4", {"flash_attn": flash_pkg, "flash_attn.cute": flash_pkg.cute}),
-        "xformers": install("xformers", {"xformers": xformers_top(), "xformers.ops": xformers_ops(recorder)}),
-    }
+def kernels(flash_fakes, install, recorder):
+    return {**flash_fakes, "xformers": install("xformers", {"xformers": xformers_top(), "xformers.ops": xformers_ops(recorder)})}
 
 
 def padded_call(lengths, length=12, heads=4, dim=16, symmetric=True, dtype=torch.bfloat16):
