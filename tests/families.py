@@ -163,3 +163,9 @@ def build(family: str, dtype: torch.dtype = torch.float32):
     model = ungate(timm.create_model(name, pretrained=False, **kwargs)).eval().to(dtype)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     return model, x
+
+
+def assert_same_grads(model, ref_model, rtol=1e-9, atol=1e-12):
+    """Every parameter's gradient equals the reference model's (the parameter is named on failure)."""
+    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=rtol, atol=atol, msg=name)

@@ -18,7 +18,7 @@ from attnswap.backends import eager_attention
 from attnswap.routing import Policy, Router
 from attnswap.structure import DecomposedRelPos, StructuredMask, replacement_for
 from attnswap.structure import builders
-from families import build, features
+from families import assert_same_grads, build, features
 from versions import needs_flex_on_cpu
 
 sam = pytest.importorskip("timm.models.vision_transformer_sam")
@@ -200,8 +200,7 @@ def test_samvit_forward_and_gradients_match_unpatched(backend):
     out = features(model, x)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     out.square().sum().backward()
-    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert_same_grads(model, ref_model, rtol=1e-9, atol=1e-12)
     stats = attnswap.stats(model)
     assert stats.structures() == {("decomposed_rel_pos", backend, forms.FORM_WHOLE): stats.total_calls}
     attnswap.unpatch(model)
@@ -319,8 +318,7 @@ def test_samvit_on_a_kernel_without_bias_support_matches_unpatched(registered):
     out = features(model, x)
     torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-11)
     out.square().sum().backward()
-    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-8, atol=1e-11, msg=name)
+    assert_same_grads(model, ref_model, rtol=1e-8, atol=1e-11)
     assert set(attnswap.stats(model).structures()) == {("decomposed_rel_pos", "nobias_sam", forms.FORM_EXTENDED_PAD_V)}
 
 
@@ -396,10 +394,9 @@ def test_mvitv2_factors_are_the_term_timm_adds():
 
 
 def _grads_match(model, ref_model):
-    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
-        # (norm_k's bias shifts every key alike: softmax cancels it, its gradient is rounding noise
-        # around 1e-17, hence an absolute tolerance)
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-8, atol=1e-12, msg=name)
+    # (norm_k's bias shifts every key alike: softmax cancels it, its gradient is rounding noise
+    # around 1e-17, hence an absolute tolerance)
+    assert_same_grads(model, ref_model, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager", "sdpa_math"])

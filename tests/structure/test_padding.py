@@ -19,6 +19,7 @@ from attnswap.models import naflex_batch, ungate
 from attnswap.routing import Policy, Router
 from attnswap.structure import builders, replacement_for
 from attnswap.structure.padding import KeyPadding
+from families import assert_same_grads
 
 naflex = pytest.importorskip("timm.models.naflexvit")
 
@@ -173,8 +174,7 @@ def test_naflexvit_every_token_and_gradient_matches_unpatched(name, backend):
     torch.testing.assert_close(tokens, ref_tokens, rtol=1e-10, atol=1e-10)  # padded tokens included
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     (out.square().sum() + tokens.square().sum()).backward()
-    for (pname, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-8, atol=1e-10, msg=pname)
+    assert_same_grads(model, ref_model, rtol=1e-8, atol=1e-10)
     seen = attnswap.stats(model).structures()
     assert set(seen) == {("key_padding", backend, forms.FORM_SEQUENCES)}
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -192,8 +192,7 @@ def test_naflexvit_training_gradients_match_unpatched_as_pytorch_picks_kernels()
     ref_model(x).square().sum().backward()
     attnswap.patch(model, backend="sdpa")
     model(x).square().sum().backward()
-    for (pname, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-8, atol=1e-10, msg=pname)
+    assert_same_grads(model, ref_model, rtol=1e-8, atol=1e-10)
 
 
 def test_naflexvit_patched_context_and_repatching_restore_the_model_class():
@@ -297,8 +296,7 @@ def test_a_backend_with_a_varlen_kernel_gets_naflexvit_packed(registered):
     out = model.forward_features(**x)["patches"]
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)  # padded tokens included
     out.square().sum().backward()
-    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-8, atol=1e-10, msg=name)
+    assert_same_grads(model, ref_model, rtol=1e-8, atol=1e-10)
     assert set(attnswap.stats(model).structures()) == {("key_padding", "packs_nf", forms.FORM_PACKED)}
 
 
@@ -338,10 +336,13 @@ def test_gemma4_padded_batch_matches_unpatched_with_gradients(backend):
     out = model.forward_features(x)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)  # padded tokens included
     out.square().sum().backward()
-    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-8, atol=1e-10, msg=name)
+    assert_same_grads(model, ref_model, rtol=1e-8, atol=1e-10)
     stats = attnswap.stats(model)
     assert stats.structures() == {("key_padding", backend, forms.FORM_SEQUENCES): stats.total_calls}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    attnswap.unpatch(model)
+    assert type(model.encoder) is gemma4.Gemma4VitEncoder and not attnswap.is_patched(model)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def test_gemma4_keeps_timms_tensor_without_padding_or_with_a_sequence_of_padding_only():

@@ -15,7 +15,7 @@ from attnswap.backends.flex import FlexBackend
 from attnswap.structure import builders
 from attnswap.structure.table import TableGather
 from attnswap.structure.windows import WindowedBias
-from families import build, features
+from families import assert_same_grads, build, features
 from versions import needs_flex_on_cpu
 
 swin = pytest.importorskip("timm.models.swin_transformer")
@@ -77,8 +77,7 @@ def test_forward_and_gradients_match_unpatched(backend):
     out = features(model, x)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     out.square().sum().backward()
-    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert_same_grads(model, ref_model, rtol=1e-9, atol=1e-12)
     seen = attnswap.stats(model).structures()
     shifted = len(shift_masks(model))
     assert seen == {
