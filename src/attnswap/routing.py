@@ -331,8 +331,10 @@ class Router:
             self._fixed = None
 
     def note_settled(self, why: str) -> None:
-        """A hand-written attention's scores were computed by the module's own code (counted)."""
-        self.unrouted[why] = self.unrouted.get(why, 0) + 1
+        """A hand-written attention's scores were computed by the module's own code (counted;
+        not inside a compiled graph, which holds no counters)."""
+        if not _is_compiling():
+            self.unrouted[why] = self.unrouted.get(why, 0) + 1
 
     # -- the hot path ----------------------------------------------------------------------
     def route(

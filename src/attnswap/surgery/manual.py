@@ -72,6 +72,12 @@ SETTLE_HELPER = "__attnswap_settle__"
 
 
 def _mm(module: torch.nn.Module, a: Any, b: Any, bmm: bool = False) -> Any:
+    # a product of symbolic scores or probabilities names its dunder explicitly: dynamo traces
+    # ``lazy @ v`` as ``Tensor.matmul(v, lazy)``, the same call it makes for ``v @ lazy``
+    if isinstance(a, Lazy):
+        return torch.bmm(a, b) if bmm else a.__matmul__(b)
+    if isinstance(b, Lazy):
+        return torch.bmm(a, b) if bmm else b.__rmatmul__(a)
     return scores_or_product(module.__dict__.get(ROUTER_ATTR), a, b, torch.bmm if bmm else operator.matmul)
 
 
@@ -112,12 +118,17 @@ def left_alone(cls: type) -> tuple[str, bool] | None:
 class _Products:
     """Which matrix products (and einsums) a method computes, and which of them feed a softmax."""
 
-    def __init__(self, fn: Callable, self_arg: str | None, names: set[str]) -> None:
+    def __init__(self, fn: Callable, self_arg: str | None, names: set[str], lazy_methods: frozenset[str]) -> None:
         self.fn, self.self_arg, self.local_names = fn, self_arg, names
+        #: methods of the class that may return symbolic probabilities (ConViT's get_attention)
+        self.lazy_methods = lazy_methods
+        self.lazy_calls: set[int] = set()
         self.taint: dict[str, frozenset[int]] = {}
         self.products: dict[int, ast.AST] = {}
         self.einsums: set[int] = set()
         self.feeding: set[int] = set()
+        #: products (``attn @ v``) -> the products their operands derive from
+        self.consuming: dict[int, frozenset[int]] = {}
 
     def _resolved(self, node: ast.expr) -> Any:
         return resolve(node, self.fn, self.local_names)
@@ -167,6 +178,13 @@ class _Products:
                 continue
             if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
                 found |= self.taint.get(node.id, frozenset())
+            if (
+                isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == self.self_arg
+                and node.func.attr in self.lazy_methods
+            ):
+                self.lazy_calls.add(id(node))
+                found.add(id(node))
             stack.extend(ast.iter_child_nodes(node))
         return frozenset(found)
 
@@ -182,11 +200,22 @@ class _Products:
             # attn[...] = expr: the array now also depends on expr
             self._assign(target.value, sources, True)
 
+    def _operands(self, node: ast.AST) -> list[ast.AST]:
+        kind = self.product_kind(node)
+        if kind in ("matmul", "bmm"):
+            return [node.left, node.right] if isinstance(node, ast.BinOp) else list(node.args)
+        return []
+
     def statement(self, stmt: ast.stmt) -> None:
         for node in ast.walk(stmt):
             inp = self.softmax_input(node)
             if inp is not None:
                 self.feeding |= self.sources(inp)
+            operands = self._operands(node)
+            if operands:
+                used = frozenset().union(*(self.sources(o) for o in operands))
+                if used:
+                    self.consuming[id(node)] = self.consuming.get(id(node), frozenset()) | used
         if isinstance(stmt, ast.Assign):
             src = self.sources(stmt.value)
             for target in stmt.targets:
@@ -245,7 +274,7 @@ class _Rewriter(ast.NodeTransformer):
         key = id(node)
         self.generic_visit(node)
         if key in self.rewrite:
-            self.count += 1
+            self.count += key in self.p.feeding
             return ast.copy_location(
                 ast.Call(func=ast.Name(id=MM_HELPER, ctx=ast.Load()), args=[self._self(), node.left, node.right], keywords=[]),
                 node,
@@ -264,7 +293,7 @@ class _Rewriter(ast.NodeTransformer):
                 node,
             )
         if kind in ("matmul", "bmm"):
-            self.count += 1
+            self.count += key in self.p.feeding
             extra = [ast.Constant(value=True)] if kind == "bmm" else []
             return ast.copy_location(
                 ast.Call(func=ast.Name(id=MM_HELPER, ctx=ast.Load()), args=[self._self(), *node.args, *extra], keywords=[]),
@@ -290,16 +319,24 @@ class _Rewriter(ast.NodeTransformer):
         return inspect.isfunction(target) and name in ADDITIVE
 
 
-def rewrite_manual(fn: Callable, *, is_method: bool) -> tuple[Callable, int] | str | None:
+def rewrite_manual(
+    fn: Callable, *, is_method: bool, lazy_methods: frozenset[str] = frozenset()
+) -> tuple[Callable, int] | str | None:
     """``fn`` with its softmax-feeding products deferred, and how many; or a reason it cannot be
-    (a string); or None when ``fn`` computes no hand-written attention."""
+    (a string); or None when ``fn`` computes no hand-written attention.
+
+    ``lazy_methods``: methods of the class rewritten so, whose results may be symbolic; a product
+    ``fn`` computes from them (ConViT's ``get_attention(x) @ v``) is rewritten too."""
     funcdef = parse_method(fn, is_method=is_method)
     self_arg = self_name(funcdef, is_method=is_method)
-    products = _Products(fn, self_arg, local_names(funcdef))
+    products = _Products(fn, self_arg, local_names(funcdef), lazy_methods)
     products.run(funcdef)
-    if not products.feeding:
+    # the scores products, and the products that consume their probabilities (``attn @ v``)
+    lazy = products.feeding | products.lazy_calls
+    rewrite = set(products.feeding)
+    rewrite.update(node for node, used in products.consuming.items() if used & lazy)
+    if not rewrite:
         return None
-    rewrite = products.feeding
     if self_arg is None:
         return "computes attention outside an instance method, so there is no router to reach"
     rewriter = _Rewriter(products, rewrite, is_forward=fn.__name__ == "forward")

@@ -244,6 +244,20 @@ def _analyze(cls: type) -> ClassRewrite | None:
         elif found_manual is not None:
             methods[name], n_products = found_manual
             products += n_products
+    if products:
+        # methods computing with what those return (ConViT: get_attention(x) @ v)
+        lazy_methods = frozenset(methods)
+        for name, attr, fn in _methods(cls):
+            if name in methods or not lazy_methods.intersection(fn.__code__.co_names):
+                continue
+            try:
+                found_manual = manual.rewrite_manual(
+                    fn, is_method=isinstance(attr, types.FunctionType), lazy_methods=lazy_methods
+                )
+            except NotRewritable:
+                continue  # its products settle the probabilities: computed as written, counted
+            if found_manual is not None and not isinstance(found_manual, str):
+                methods[name] = found_manual[0]
     builders = builder_names()
     for name, attr, fn in _methods(cls):
         if name in methods or not _code_mentions(fn.__code__, builders):

@@ -38,7 +38,7 @@ from ..structure.windows import WindowedBias
 
 _Tensor = torch.Tensor
 _SOFTMAX_FUNCS = frozenset({F.softmax, torch.softmax, _Tensor.softmax})
-_MATMUL_FUNCS = frozenset({torch.matmul, _Tensor.matmul, _Tensor.__matmul__, _Tensor.__rmatmul__, torch.bmm, _Tensor.bmm})
+_MATMUL_FUNCS = frozenset({torch.matmul, _Tensor.matmul, _Tensor.__matmul__, torch.bmm, _Tensor.bmm})
 _TENSOR_BINARY: dict[Callable, Callable] = {
     _Tensor.__add__: operator.add, torch.add: operator.add, _Tensor.add: operator.add,
     _Tensor.__sub__: operator.sub, torch.sub: operator.sub, _Tensor.sub: operator.sub,
@@ -46,6 +46,22 @@ _TENSOR_BINARY: dict[Callable, Callable] = {
     _Tensor.__truediv__: operator.truediv, torch.div: operator.truediv, _Tensor.div: operator.truediv,
     _Tensor.__matmul__: operator.matmul, torch.matmul: operator.matmul, _Tensor.matmul: operator.matmul,
 }
+_REFLECTED_NAMES = {
+    "__radd__": operator.add, "__rsub__": operator.sub, "__rmul__": operator.mul,
+    "__rtruediv__": operator.truediv, "__rdiv__": operator.truediv, "__rmatmul__": operator.matmul,
+}
+
+
+def _reflected_op(func: Callable) -> Callable | None:
+    """The operator of a tensor's reflected dunder: ``func(t, x)`` computes ``x op t``.
+
+    Python reaches them only after the left operand declined; dynamo reaches them first for a
+    non-tensor left operand (``Scores - bias`` is traced as ``Tensor.__rsub__(bias, scores)``).
+    Matched by identity, not by a dict keyed on functions, whose membership dynamo misjudges."""
+    for name, op in _REFLECTED_NAMES.items():
+        if func is getattr(_Tensor, name):
+            return op
+    return None
 
 def _settled(x: Any) -> Any:
     return x.settle() if isinstance(x, Lazy) else x
@@ -68,7 +84,7 @@ def _infer_shape(current: tuple[int, ...], shape: tuple) -> tuple[int, ...] | No
     if shape.count(-1) > 1:
         return None
     if -1 in shape:
-        rest = math.prod(s for s in shape if s != -1)
+        rest = math.prod([s for s in shape if s != -1])
         if rest == 0 or numel % rest:
             return None
         shape = tuple(numel // rest if s == -1 else s for s in shape)
@@ -158,9 +174,13 @@ class Lazy:
         kwargs = kwargs or {}
         lazy = next((a for a in args if isinstance(a, Lazy)), None)
         if lazy is not None and lazy.sym is not None and lazy._value is None:
-            op = _TENSOR_BINARY.get(func)
-            if op is not None and len(args) == 2 and not kwargs:
-                return lazy._binary(op, args[1] if args[0] is lazy else args[0], args[0] is not lazy)
+            if len(args) == 2 and not kwargs:
+                op = _TENSOR_BINARY.get(func)
+                if op is not None:
+                    return lazy._binary(op, args[1] if args[0] is lazy else args[0], args[0] is not lazy)
+                op = _reflected_op(func)
+                if op is not None:
+                    return lazy._binary(op, args[0] if args[1] is lazy else args[1], args[1] is not lazy)
             handled = lazy._torch_function(func, args, kwargs)
             if handled is not NotImplemented:
                 return handled
@@ -655,7 +675,6 @@ def scores_or_product(router: Any, a: Any, b: Any, op: Callable = operator.matmu
         or a.dim() < 2 or b.dim() < 2
         or a.dtype != b.dtype or not a.dtype.is_floating_point or a.device != b.device
         or a.shape[-1] != b.shape[-2]
-        or torch.compiler.is_compiling()
     ):
         return op(a, b)
     lead = broadcast(a.shape[:-2], b.shape[:-2])
@@ -714,7 +733,7 @@ def einsum_scores(router: Any, equation: Any, *operands: Any) -> Any:
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = tuple(operands[0])
     parsed = None
-    if router is not None and len(operands) == 2 and not torch.compiler.is_compiling():
+    if router is not None and len(operands) == 2:
         a, b = operands
         if _is_plain_tensor(a) and _is_plain_tensor(b) and a.dtype == b.dtype and a.dtype.is_floating_point and a.device == b.device:
             parsed = _einsum_specs(equation, operands)
@@ -742,7 +761,7 @@ def einsum_scores(router: Any, equation: Any, *operands: Any) -> Any:
 
 def _plain_einsum(router: Any, equation: Any, operands: tuple) -> _Tensor:
     """The einsum as written, counted as unrouted when it feeds a softmax at a routed site."""
-    if router is not None and not torch.compiler.is_compiling():
+    if router is not None:
         router.note_settled(f"einsum {equation!r} is not q·kᵀ in a layout attention can take")
     return torch.einsum(equation, *operands)
 
@@ -776,7 +795,9 @@ def additive(router: Any, fn: Callable, scores: Any, *args: Any, **kwargs: Any) 
     found by applying ``fn`` to zeros, so the scores stay symbolic."""
     if isinstance(scores, Scores) and scores.sym is not None and scores._value is None and scores.sym.viewed is None:
         sym: _ScoresSym = scores.sym
-        bias_of = additive_bias_for(fn)  # the term as a structure (MViTv2's decomposed rel-pos)
+        # the term as a structure (MViTv2's decomposed rel-pos); a compiled graph holds the tensor,
+        # as it does for every structure
+        bias_of = None if torch.compiler.is_compiling() else additive_bias_for(fn)
         bias = None if bias_of is None else bias_of(scores, *args, **kwargs)
         if bias is None or tuple(bias.shape) != tuple(sym.shape) or bias.dtype != sym.dtype:
             bias = fn(torch.zeros(sym.shape, dtype=sym.dtype, device=sym.device), *args, **kwargs)
