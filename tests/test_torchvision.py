@@ -50,3 +50,129 @@ def test_mvit_routes_every_call_with_gradients(v2, backend):
     assert stats.by_backend() == {backend: 2} and not any(s.unrouted for s in stats)
     attnswap.unpatch(model)
     assert torch.equal(model(x), ref.detach())
+
+
+# -- Swin: attention in the module-level helper shifted_window_attention[_3d] ----------------
+
+swin = pytest.importorskip("torchvision.models.swin_transformer")
+swin3d = pytest.importorskip("torchvision.models.video.swin_transformer")
+
+SWINS = ["swin v1", "swin v2", "swin3d"]
+
+
+def small_swin(kind: str):
+    torch.manual_seed(0)
+    common = dict(embed_dim=16, depths=[2, 2], num_heads=[1, 2], stochastic_depth_prob=0.0, num_classes=10)
+    if kind == "swin3d":
+        model = swin3d.SwinTransformer3d(patch_size=[2, 4, 4], window_size=[2, 4, 4], **common)
+        x = torch.randn(2, 3, 4, 32, 32, dtype=torch.float64)
+    else:
+        v2 = dict(block=swin.SwinTransformerBlockV2, downsample_layer=swin.PatchMergingV2) if kind == "swin v2" else {}
+        model = swin.SwinTransformer(patch_size=[4, 4], window_size=[4, 4], **common, **v2)
+        x = torch.randn(2, 3, 36, 36, dtype=torch.float64)  # padded to whole windows: the mask matters
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name or "logit_scale" in name:
+                p.add_(torch.randn_like(p))  # std 0.02 at init: make the bias and the scale matter
+    return model.double().eval(), x
+
+
+def _helper_of(kind):
+    return swin3d.shifted_window_attention_3d if kind == "swin3d" else swin.shifted_window_attention
+
+
+def _softmaxes(model, x) -> int:
+    from test_timm_manual_families import SoftmaxCounter
+
+    counter = SoftmaxCounter()
+    with counter, torch.no_grad():
+        model(x)
+    return counter.calls
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_math", "eager"])
+@pytest.mark.parametrize("kind", SWINS)
+def test_swin_helper_routes_every_call_with_gradients(kind, backend):
+    model, x = small_swin(kind)
+    helper = _helper_of(kind)
+    ref_model = copy.deepcopy(model)
+    ref = ref_model(x)
+    ref.square().sum().backward()
+    softmaxes = _softmaxes(model, x)
+    report = attnswap.patch(model, backend=backend, strict=True)
+    assert len(report.patched) == 4 and all(s.how == f"hand-written in {helper.__name__}()" for s in report.patched), str(report)
+    out = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    out.square().sum().backward()
+    assert_same_grads(model, ref_model, rtol=1e-9, atol=1e-12)
+    stats = attnswap.stats(model)
+    assert stats.by_backend() == {backend: 4} and not any(s.unrouted for s in stats)
+    if backend != "eager":  # eager's reference math computes its own softmax
+        assert softmaxes == 4 and _softmaxes(model, x) == 0  # counted apart from attnswap's report
+    # the helper itself, its global name and its other callers are untouched
+    module = swin3d if kind == "swin3d" else swin
+    assert getattr(module, helper.__name__) is helper and not hasattr(helper, "__attnswap_original__")
+    attnswap.unpatch(model)
+    assert torch.equal(model(x), ref.detach())
+
+
+@pytest.mark.parametrize("kind", SWINS)
+def test_swin_helper_in_a_compiled_graph_holds_the_kernel(kind):
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    model, x = small_swin(kind)
+    with torch.no_grad():
+        ref = model(x)
+    attnswap.patch(model, backend="sdpa_math")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        outs = [compiled(x), compiled(x)]
+        model.train()
+        model.eval()
+        outs.append(compiled(x))
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert counter.frame_count == 1
+    targets = [str(n.target) for n in counter.graphs[0].graph.nodes if n.op in ("call_function", "call_method")]
+    assert sum("_scaled_dot_product_attention_math" in t for t in targets) == 4
+    assert not any("softmax" in t for t in targets)
+    assert {name for site in attnswap.stats(model) for name in site.traced} == {"sdpa_math"}
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", SWINS)
+def test_swin_helper_stays_an_fx_leaf_and_routes(kind):
+    # torchvision marks the helper torch.fx.wrap: feature extraction records one node per call,
+    # and that node must be the routed copy (the copy's Python control flow does not trace)
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model, x = small_swin(kind)
+    with torch.no_grad():
+        ref = model(x)
+    attnswap.patch(model, backend="sdpa_math")
+    extractor = create_feature_extractor(model, return_nodes={"features.1": "stage1", "head": "out"})
+    helper = _helper_of(kind)
+    nodes = [n for n in extractor.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == helper.__name__]
+    assert len(nodes) == 4 and all(n.target is not helper for n in nodes)
+    with torch.no_grad():
+        out = extractor(x)["out"]
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert attnswap.stats(model).by_backend() == {"sdpa_math": 4}
+
+
+def test_swin_helper_patched_model_pickles_patched():
+    import io
+
+    model, x = small_swin("swin v2")
+    attnswap.patch(model, backend="eager")
+    with torch.no_grad():
+        ref = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ref)
+    assert attnswap.stats(loaded).by_backend() == {"eager": 8}  # the counts travel with the router

@@ -144,7 +144,21 @@ class _Products:
                 return "bmm"
         if isinstance(node, ast.Call) and self._resolved(node.func) is torch.einsum:
             return "einsum"
+        if (
+            isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("matmul", "bmm")
+            and len(node.args) == 1 and not node.keywords and not isinstance(node.args[0], ast.Starred)
+            and self._resolved(node.func) is Missing
+        ):
+            return "method " + node.func.attr  # q.matmul(kᵀ) (torchvision's Swin)
         return None
+
+    def operands(self, node: ast.AST) -> list[ast.expr]:
+        """The two factors of a product node (``a @ b``, ``torch.matmul(a, b)``, ``a.matmul(b)``)."""
+        if isinstance(node, ast.BinOp):
+            return [node.left, node.right]
+        if self.product_kind(node) in ("method matmul", "method bmm"):
+            return [node.func.value, node.args[0]]
+        return list(node.args)
 
     def softmax_input(self, node: ast.AST) -> ast.expr | None:
         if not isinstance(node, ast.Call):
@@ -200,11 +214,8 @@ class _Products:
             # attn[...] = expr: the array now also depends on expr
             self._assign(target.value, sources, True)
 
-    def _operands(self, node: ast.AST) -> list[ast.AST]:
-        kind = self.product_kind(node)
-        if kind in ("matmul", "bmm"):
-            return [node.left, node.right] if isinstance(node, ast.BinOp) else list(node.args)
-        return []
+    def _operands(self, node: ast.AST) -> list[ast.expr]:
+        return [] if self.product_kind(node) in (None, "einsum") else self.operands(node)
 
     def statement(self, stmt: ast.stmt) -> None:
         for node in ast.walk(stmt):
@@ -224,6 +235,15 @@ class _Products:
             self._assign(stmt.target, self.sources(stmt.value), isinstance(stmt, ast.AugAssign))
         elif isinstance(stmt, (ast.For, ast.AsyncFor)):
             self._assign(stmt.target, self.sources(stmt.iter), False)
+        if isinstance(stmt, ast.If):
+            # either branch may run: what follows sees the assignments of both
+            before = dict(self.taint)
+            self._block(stmt.body)
+            after_body, self.taint = self.taint, dict(before)
+            self._block(stmt.orelse)
+            for name, sources in after_body.items():
+                self.taint[name] = self.taint.get(name, frozenset()) | sources
+            return
         # a loop body runs twice, so it sees what its previous iteration assigned
         passes = 2 if isinstance(stmt, (ast.For, ast.AsyncFor, ast.While)) else 1
         for _ in range(passes):
@@ -234,6 +254,11 @@ class _Products:
                             self.statement(s)
                     elif isinstance(child, ast.stmt) and not isinstance(child, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
                         self.statement(child)
+
+    def _block(self, statements: list[ast.stmt]) -> None:
+        for child in statements:
+            if not isinstance(child, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                self.statement(child)
 
     def run(self, funcdef: ast.FunctionDef) -> None:
         for stmt in funcdef.body:
@@ -292,11 +317,11 @@ class _Rewriter(ast.NodeTransformer):
                 ast.Call(func=ast.Name(id=EINSUM_HELPER, ctx=ast.Load()), args=[self._self(), *node.args], keywords=[]),
                 node,
             )
-        if kind in ("matmul", "bmm"):
+        if kind is not None:
             self.count += key in self.p.feeding
-            extra = [ast.Constant(value=True)] if kind == "bmm" else []
+            extra = [ast.Constant(value=True)] if kind.endswith("bmm") else []
             return ast.copy_location(
-                ast.Call(func=ast.Name(id=MM_HELPER, ctx=ast.Load()), args=[self._self(), *node.args, *extra], keywords=[]),
+                ast.Call(func=ast.Name(id=MM_HELPER, ctx=ast.Load()), args=[self._self(), *self.p.operands(node), *extra], keywords=[]),
                 node,
             )
         if is_additive:
@@ -329,6 +354,19 @@ def rewrite_manual(
     ``fn`` computes from them (ConViT's ``get_attention(x) @ v``) is rewritten too."""
     funcdef = parse_method(fn, is_method=is_method)
     self_arg = self_name(funcdef, is_method=is_method)
+    found = defer_products(fn, funcdef, self_arg, settle_returns=fn.__name__ == "forward", lazy_methods=lazy_methods)
+    if found is None or isinstance(found, str):
+        return found
+    return compile_like(fn, funcdef, HELPERS), found
+
+
+def defer_products(
+    fn: Callable, funcdef: ast.FunctionDef, self_arg: str | None, *, settle_returns: bool,
+    lazy_methods: frozenset[str] = frozenset(),
+) -> int | str | None:
+    """Rewrites ``funcdef`` (``fn``'s own tree) in place: its softmax-feeding products and the
+    products consuming them call the helpers in :data:`HELPERS` with ``self_arg`` (the module).
+    Returns how many scores products, None when there are none, or why it cannot be (a string)."""
     products = _Products(fn, self_arg, local_names(funcdef), lazy_methods)
     products.run(funcdef)
     # the scores products, and the products that consume their probabilities (``attn @ v``)
@@ -339,6 +377,6 @@ def rewrite_manual(
         return None
     if self_arg is None:
         return "computes attention outside an instance method, so there is no router to reach"
-    rewriter = _Rewriter(products, rewrite, is_forward=fn.__name__ == "forward")
-    funcdef = rewriter.visit(funcdef)
-    return compile_like(fn, funcdef, HELPERS), rewriter.count
+    rewriter = _Rewriter(products, rewrite, is_forward=settle_returns)
+    rewriter.visit(funcdef)
+    return rewriter.count

@@ -29,7 +29,7 @@ from ..errors import NotScriptable
 from ..routing import ROUTE_METHOD, ROUTER_ATTR, UNROUTED
 from ..structure import replacement_for
 from ..structure.builders import builder_names, method_replacements_for, method_wrappers_for
-from . import manual, mha
+from . import helpers, manual, mha
 from .source import NotRewritable, compile_like, local_names, parse_method, resolve, self_name
 
 #: the closure name rerouted code reaches UNROUTED by
@@ -60,6 +60,8 @@ class ClassRewrite:
     mha: bool = False
     #: structure kinds of the bias builders whose calls now return structures (attnswap.structure)
     structures: tuple[str, ...] = ()
+    #: module-level helpers the class's methods call and that now reach its router (see :mod:`.helpers`)
+    helpers: tuple[str, ...] = ()
 
     @property
     def how(self) -> str:
@@ -70,7 +72,10 @@ class ClassRewrite:
             parts.append("SDPA call")
         if self.products:
             parts.append("hand-written")
-        return " + ".join(parts)
+        how = " + ".join(parts)
+        if self.helpers:
+            how += f" in {self.helpers[0].rsplit('.', 1)[-1]}()"
+        return how
 
     @property
     def routable(self) -> bool:
@@ -258,6 +263,26 @@ def _analyze(cls: type) -> ClassRewrite | None:
                 continue  # its products settle the probabilities: computed as written, counted
             if found_manual is not None and not isinstance(found_manual, str):
                 methods[name] = found_manual[0]
+    followed: list[str] = []
+    for name, attr, fn in _methods(cls):
+        # a method that calls a module-level helper computing attention (torchvision's Swin)
+        if name in methods or not helpers.calls_helpers(fn):
+            continue
+        try:
+            found_helpers = _follow_helpers(fn, is_method=isinstance(attr, types.FunctionType))
+        except NotRewritable as exc:
+            not_followed = not_followed or f"{cls.__qualname__}.{name}: {exc}"
+            continue
+        if isinstance(found_helpers, str):
+            not_followed = not_followed or f"{cls.__qualname__}.{name}: {found_helpers}"
+            continue
+        if found_helpers is not None:
+            methods[name], copies = found_helpers
+            for copy in copies:
+                calls += copy.calls
+                products += copy.products
+                structures.extend(k for k in copy.structures if k not in structures)
+                followed.extend(n for n in copy.names if n not in followed)
     builders = builder_names()
     for name, attr, fn in _methods(cls):
         if name in methods or not _code_mentions(fn.__code__, builders):
@@ -285,8 +310,24 @@ def _analyze(cls: type) -> ClassRewrite | None:
     if not methods:
         return ClassRewrite(cls, left_alone=not_followed) if not_followed else None
     return ClassRewrite(
-        cls, methods=methods, calls=calls, gate_flags=tuple(flags), products=products, structures=tuple(structures)
+        cls, methods=methods, calls=calls, gate_flags=tuple(flags), products=products, structures=tuple(structures),
+        helpers=tuple(followed),
     )
+
+
+def _follow_helpers(fn: Callable, *, is_method: bool) -> tuple[Callable, list] | str | None:
+    """``fn`` recompiled to call the copies of the attention helpers it calls, and those copies;
+    why a helper cannot be followed (a string); or None when none computes attention after all."""
+    funcdef = parse_method(fn, is_method=is_method)
+    self_arg = self_name(funcdef, is_method=is_method)
+    if self_arg is None:
+        return "calls an attention helper outside an instance method, so there is no router to pass it"
+    cells, copies, problems = helpers.follow_calls(fn, funcdef, self_arg)
+    if problems and not copies:
+        return problems[0]
+    if not copies:
+        return None
+    return compile_like(fn, funcdef, cells), copies
 
 
 class _Rewriter(ast.NodeTransformer):

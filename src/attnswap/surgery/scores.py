@@ -426,7 +426,8 @@ class Scores(Lazy):
             return None
         new = sym.copy()
         if target == sym.shape:
-            windowed = _windowed(new)
+            # a compiled graph holds the tensor, as it does for every structure
+            windowed = None if torch.compiler.is_compiling() else _windowed(new)
             if windowed is not None:
                 new.biases, new.viewed, new.viewed_biases = [windowed], None, []
             elif new.viewed is not None:

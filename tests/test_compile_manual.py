@@ -1,0 +1,130 @@
+"""Hand-written attention inside ``torch.compile(fullgraph=True)`` (issue 14): the graph holds the
+chosen backend's kernel where the module computed ``softmax(q @ kᵀ)``, with no graph break, no
+recompilation of attnswap's own, and the eager output and gradients.
+
+The proof is counted in the graphs dynamo captures: against the unpatched model's graph, every
+routed call removes one softmax and adds one kernel node."""
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+import attnswap
+from families import MANUAL_FAMILIES, assert_same_grads, build, features
+from test_timm_families import relative_error
+from versions import FLEX_ON_CPU_IN_GRAPH, PINNED_KERNEL_IN_GRAPH, needs_flex_on_cpu
+
+#: what each backend leaves in a dynamo graph, by the node target's name
+KERNEL_NODE = {
+    "sdpa": "scaled_dot_product_attention",
+    "sdpa_math": "_scaled_dot_product_attention_math",
+}
+
+
+class _Features(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return features(self.model, x)
+
+
+def _count(graphs, needle: str) -> int:
+    return sum(
+        needle in str(node.target)
+        for graph in graphs
+        for node in graph.graph.nodes
+        if node.op in ("call_function", "call_method")
+    )
+
+
+def _compiled_runs(model, x, backend="eager"):
+    """Compiled outputs of x, x again, and x after a train/eval round trip; the frame counter."""
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    compiled = torch.compile(_Features(model), fullgraph=True, backend=counter)
+    with torch.no_grad():
+        outs = [compiled(x), compiled(x)]
+        model.train()
+        model.eval()
+        outs.append(compiled(x))
+    return outs, counter
+
+
+@pytest.mark.parametrize(
+    "backend", ["sdpa", pytest.param("sdpa_math", marks=pytest.mark.slow), pytest.param("eager", marks=pytest.mark.slow)]
+)
+@pytest.mark.parametrize("family", list(MANUAL_FAMILIES))
+def test_hand_written_attention_routes_inside_a_compiled_graph(family, backend):
+    if backend == "sdpa_math" and not PINNED_KERNEL_IN_GRAPH:
+        pytest.skip("this torch cannot trace a pinned kernel")
+    torch._dynamo.reset()
+    reference, x = build(family)
+    with torch.no_grad():
+        features(reference, x)  # as the patched model is run eagerly first (ConViT sets a buffer)
+    _, unpatched = _compiled_runs(reference, x)
+    torch._dynamo.reset()
+
+    model, _ = build(family)
+    report = attnswap.patch(model, backend=backend)
+    manual_sites = {site.path for site in report.patched if site.how == "hand-written"}
+    with torch.no_grad():
+        eager = features(model, x)
+    outs, counter = _compiled_runs(model, x)
+    for out in outs:
+        assert relative_error(out, eager) < 1e-5
+    # LeViT's train() clears its bias cache, which recompiles the unpatched model too
+    assert counter.frame_count == unpatched.frame_count, (counter.frame_count, unpatched.frame_count)
+
+    stats = attnswap.stats(model)
+    routed = sum(sum(site.traced.values()) for site in stats)
+    assert routed > 0 and all(set(site.traced) == {backend} for site in stats if site.traced), str(stats)
+    # count in the first compile of each (a recompile repeats it)
+    first, unpatched_first = counter.graphs[:1], unpatched.graphs[:1]
+    softmax_removed = _count(unpatched_first, "softmax") - _count(first, "softmax")
+    # SDPA-call sites of the same model (DaViT's windows) hold a kernel in both graphs
+    routed_in_first = sum(sum(site.traced.values()) for site in stats if site.path in manual_sites) // counter.frame_count
+    if backend in KERNEL_NODE:
+        assert softmax_removed == routed_in_first, (softmax_removed, routed_in_first)
+        assert _count(first, KERNEL_NODE[backend]) - _count(unpatched_first, KERNEL_NODE[backend]) == routed_in_first
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(MANUAL_FAMILIES))
+def test_hand_written_attention_compiled_gradients_equal_eager(family):
+    torch._dynamo.reset()
+    model, x = build(family)
+    eager_model, _ = build(family)
+    for m in (model, eager_model):
+        attnswap.patch(m, backend="sdpa")
+        m.train()
+    features(eager_model, x).square().sum().backward()
+    compiled = torch.compile(_Features(model), fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.square().sum().backward()
+    assert_same_grads(model, eager_model, rtol=1e-4, atol=1e-5)
+    assert all(set(site.traced) == {"sdpa"} for site in attnswap.stats(model) if site.traced)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@needs_flex_on_cpu
+@pytest.mark.parametrize("family", ["levit", "efficientvit_msra", "swinv2", "mvitv2", "convit"])
+def test_hand_written_attention_compiles_with_flex(family):
+    torch._dynamo.reset()
+    model, x = build(family)
+    with torch.no_grad():
+        ref = features(model, x)
+    attnswap.patch(model, backend="flex")
+    outs, counter = _compiled_runs(model, x, "aot_eager")
+    for out in outs:
+        assert relative_error(out, ref) < 1e-4
+    stats = attnswap.stats(model)
+    traced = {name for site in stats for name in site.traced}
+    if FLEX_ON_CPU_IN_GRAPH:
+        assert "flex" in traced or all(
+            "inside a torch.compile graph on CPU" in r for site in stats for f in site.fallbacks for r in f.refused["flex"]
+        ), str(stats)
+    assert traced <= {"flex", "sdpa"}, traced
+    torch._dynamo.reset()
