@@ -169,3 +169,25 @@ def assert_same_grads(model, ref_model, rtol=1e-9, atol=1e-12):
     """Every parameter's gradient equals the reference model's (the parameter is named on failure)."""
     for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=rtol, atol=atol, msg=name)
+
+
+def assert_patched_parity(model, x, backend: str, *, sites: int, how: str):
+    """Patches ``model`` (strict) and checks that its output and every parameter's gradient equal
+    an unpatched copy's (float64 tolerances), that ``sites`` sites were patched as ``how`` and
+    each served one call on ``backend``. Returns the unpatched output."""
+    import copy
+
+    import attnswap
+
+    ref_model = copy.deepcopy(model)
+    ref = ref_model(x)
+    ref.square().sum().backward()
+    report = attnswap.patch(model, backend=backend, strict=True)
+    assert len(report.patched) == sites and all(s.how == how for s in report.patched), str(report)
+    out = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    out.square().sum().backward()
+    assert_same_grads(model, ref_model, rtol=1e-9, atol=1e-12)
+    stats = attnswap.stats(model)
+    assert stats.by_backend() == {backend: sites} and not any(s.unrouted for s in stats), str(stats)
+    return ref.detach()

@@ -86,24 +86,43 @@ def test_hand_written_attention_routes_inside_a_compiled_graph(family, backend):
     routed_in_first = sum(sum(site.traced.values()) for site in stats if site.path in manual_sites) // counter.frame_count
     if backend in KERNEL_NODE:
         assert softmax_removed == routed_in_first, (softmax_removed, routed_in_first)
-        assert _count(first, KERNEL_NODE[backend]) - _count(unpatched_first, KERNEL_NODE[backend]) == routed_in_first
+        # every routed call, SDPA-call sites included, is the backend's kernel node
+        assert _count(first, KERNEL_NODE[backend]) == routed // counter.frame_count
     torch._dynamo.reset()
+
+
+#: families whose compiled gradients differ from eager with or without attnswap (torch 2.14.1,
+#: aot_eager: EfficientFormer's last-stage gradients are 10x off for the unpatched model too)
+COMPILED_GRADIENTS_DIFFER_UNPATCHED = {"efficientformer"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", list(MANUAL_FAMILIES))
+@pytest.mark.parametrize(
+    "family",
+    [
+        pytest.param(f, marks=pytest.mark.xfail(strict=True, reason="torch's own compiled gradients differ from eager"))
+        if f in COMPILED_GRADIENTS_DIFFER_UNPATCHED else f
+        for f in MANUAL_FAMILIES
+    ],
+)
 def test_hand_written_attention_compiled_gradients_equal_eager(family):
+    # In training mode, a batch norm over a batch of two 1x1 maps (these small models' last
+    # stages) turns 1e-12 of rounding into 1e-3 (measured: EfficientViT-MSRA, patched or not, any
+    # two kernels), so those families are compared in eval mode; the others train.
     torch._dynamo.reset()
-    model, x = build(family)
-    eager_model, _ = build(family)
+    model, x = build(family, dtype=torch.float64)
+    eager_model, _ = build(family, dtype=torch.float64)
+    training = not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     for m in (model, eager_model):
         attnswap.patch(m, backend="sdpa")
-        m.train()
-    features(eager_model, x).square().sum().backward()
+        m.train(training)
+    torch.manual_seed(0)  # the same dropout and drop-path draws in both runs
+    features(eager_model, x).square().mean().backward()
     compiled = torch.compile(_Features(model), fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
     out = compiled(x)
-    out.square().sum().backward()
-    assert_same_grads(model, eager_model, rtol=1e-4, atol=1e-5)
+    out.square().mean().backward()
+    assert_same_grads(model, eager_model, rtol=1e-9, atol=1e-12)
     assert all(set(site.traced) == {"sdpa"} for site in attnswap.stats(model) if site.traced)
     torch._dynamo.reset()
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from attnswap import coverage
+from attnswap.zoos.timm_models import create_on_meta
 from attnswap.cli import main
 from versions import skip_unless_in_timm
 
@@ -84,5 +85,27 @@ def test_discovery_builds_on_meta_with_an_older_timm_too():
         def create_model(self, name, pretrained=False):
             return Model(self.reads_values)
 
-    assert coverage._create_on_meta(OldTimm(False), "m").proj.weight.is_meta
-    assert not coverage._create_on_meta(OldTimm(True), "m").proj.weight.is_meta
+    assert create_on_meta(OldTimm(False), "m").proj.weight.is_meta
+    assert not create_on_meta(OldTimm(True), "m").proj.weight.is_meta
+
+
+def test_torchvision_sweep_routes_swin_and_checks_it():
+    r = coverage.sweep_one("swin_t", zoo="torchvision")
+    assert r.ok and r.checked and r.fully_routed, r
+    assert r.routed == 12 and r.calls == 12 and r.escaped == 0 and r.unrouted == 0
+    assert set(r.routed_classes.values()) == {"hand-written in shifted_window_attention()"}
+    # a detection model: built without downloading a backbone, no attention
+    d = coverage.sweep_one("fasterrcnn_mobilenet_v3_large_320_fpn", zoo="torchvision", numerics=False)
+    assert d.ok and d.sites == 0 and not d.error
+
+
+def test_write_section_keeps_the_other_libraries(tmp_path):
+    path = tmp_path / "COVERAGE.md"
+    timm_md = coverage.markdown([], command="a", environment="e", seconds=1, zoo="timm")
+    tv_md = coverage.markdown([], command="b", environment="e", seconds=1, zoo="torchvision")
+    coverage.write_section(path, timm_md)
+    coverage.write_section(path, tv_md)
+    coverage.write_section(path, tv_md.replace("Regenerate", "Made again"))
+    text = path.read_text()
+    assert text.count("# attnswap coverage of timm") == 1 and text.count("# attnswap coverage of torchvision") == 1
+    assert "    a\n" in text and "Made again" in text and text.index("of timm") < text.index("of torchvision")

@@ -2,13 +2,11 @@
 method) and MViT v2 (its decomposed rel-pos written into the scores in place by the module-level
 ``_add_rel_pos``, a known additive helper). MaxViT's einsum attention: tests/surgery/test_einsum.py."""
 
-import copy
-
 import pytest
 import torch
 
 import attnswap
-from families import assert_same_grads
+from families import assert_patched_parity
 
 mvit = pytest.importorskip("torchvision.models.video.mvit")
 
@@ -37,19 +35,9 @@ def small_mvit(v2: bool):
 def test_mvit_routes_every_call_with_gradients(v2, backend):
     model = small_mvit(v2)
     x = torch.randn(2, 3, 4, 32, 32, dtype=torch.float64)
-    ref_model = copy.deepcopy(model)
-    ref = ref_model(x)
-    ref.square().sum().backward()
-    report = attnswap.patch(model, backend=backend, strict=True)
-    assert len(report.patched) == 2 and all(s.how == "hand-written" for s in report.patched)
-    out = model(x)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    out.square().sum().backward()
-    assert_same_grads(model, ref_model, rtol=1e-9, atol=1e-12)
-    stats = attnswap.stats(model)
-    assert stats.by_backend() == {backend: 2} and not any(s.unrouted for s in stats)
+    ref = assert_patched_parity(model, x, backend, sites=2, how="hand-written")
     attnswap.unpatch(model)
-    assert torch.equal(model(x), ref.detach())
+    assert torch.equal(model(x), ref)
 
 
 # -- Swin: attention in the module-level helper shifted_window_attention[_3d] ----------------
@@ -95,25 +83,15 @@ def _softmaxes(model, x) -> int:
 def test_swin_helper_routes_every_call_with_gradients(kind, backend):
     model, x = small_swin(kind)
     helper = _helper_of(kind)
-    ref_model = copy.deepcopy(model)
-    ref = ref_model(x)
-    ref.square().sum().backward()
     softmaxes = _softmaxes(model, x)
-    report = attnswap.patch(model, backend=backend, strict=True)
-    assert len(report.patched) == 4 and all(s.how == f"hand-written in {helper.__name__}()" for s in report.patched), str(report)
-    out = model(x)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    out.square().sum().backward()
-    assert_same_grads(model, ref_model, rtol=1e-9, atol=1e-12)
-    stats = attnswap.stats(model)
-    assert stats.by_backend() == {backend: 4} and not any(s.unrouted for s in stats)
+    ref = assert_patched_parity(model, x, backend, sites=4, how=f"hand-written in {helper.__name__}()")
     if backend != "eager":  # eager's reference math computes its own softmax
         assert softmaxes == 4 and _softmaxes(model, x) == 0  # counted apart from attnswap's report
     # the helper itself, its global name and its other callers are untouched
     module = swin3d if kind == "swin3d" else swin
     assert getattr(module, helper.__name__) is helper and not hasattr(helper, "__attnswap_original__")
     attnswap.unpatch(model)
-    assert torch.equal(model(x), ref.detach())
+    assert torch.equal(model(x), ref)
 
 
 @pytest.mark.parametrize("kind", SWINS)

@@ -139,9 +139,9 @@ def cmd_coverage(args: argparse.Namespace) -> int:
 
     from . import coverage
 
-    names = coverage.model_names(args.patterns)
+    names = coverage.model_names(args.patterns, zoo=args.zoo)
     if not names:
-        print(f"attnswap: no timm model matches {args.patterns}", file=sys.stderr)
+        print(f"attnswap: no {args.zoo} model matches {args.patterns}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,15 +156,18 @@ def cmd_coverage(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    results = coverage.sweep(names, numerics=not args.no_numerics, max_params_m=args.max_params, progress=progress)
+    results = coverage.sweep(
+        names, numerics=not args.no_numerics, max_params_m=args.max_params, progress=progress, zoo=args.zoo
+    )
     seconds = time.perf_counter() - start
-    import timm
+    from .zoos import get_zoo
 
     command = "attnswap coverage " + " ".join(
-        [*args.patterns, *(["--no-numerics"] if args.no_numerics else []), f"--max-params {args.max_params:g}"]
+        [*args.patterns, *([f"--zoo {args.zoo}"] if args.zoo != "timm" else []),
+         *(["--no-numerics"] if args.no_numerics else []), f"--max-params {args.max_params:g}"]
     )
     env = (
-        f"timm {timm.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{args.zoo} {get_zoo(args.zoo).version()}, torch {torch.__version__}, Python {platform.python_version()}, "
         f"{platform.machine()} CPU ({torch.get_num_threads()} threads), {time.strftime('%Y-%m-%d')}"
     )
     if args.json:
@@ -172,7 +175,9 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     if args.out:
         from pathlib import Path
 
-        Path(args.out).write_text(coverage.markdown(results, command=command, environment=env, seconds=seconds))
+        coverage.write_section(
+            Path(args.out), coverage.markdown(results, command=command, environment=env, seconds=seconds, zoo=args.zoo)
+        )
     totals = coverage.totals(results)
     print(json.dumps(totals, indent=1))
     bad = [r.name for r in results if not r.ok]
@@ -250,9 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", required=True)
     p.add_argument("--tolerance", type=float, default=None, help="relative error allowed (default: by dtype)")
     p.set_defaults(func=cmd_verify)
-    p = sub.add_parser("coverage", help="patch every timm model (or those matching GLOBs) and check every attention is routed")
-    p.add_argument("patterns", nargs="*", help="model name globs (default: every timm model)")
-    p.add_argument("--out", default=None, help="write the markdown report here (e.g. COVERAGE.md)")
+    p = sub.add_parser("coverage", help="patch every model of a library (or those matching GLOBs) and check every attention is routed")
+    p.add_argument("patterns", nargs="*", help="model name globs (default: every model of the library)")
+    p.add_argument("--zoo", default="timm", choices=["timm", "torchvision"], help="the model library to sweep")
+    p.add_argument("--out", default=None, help="write the markdown report here (e.g. COVERAGE.md; the other libraries' sections are kept)")
     p.add_argument("--json", default=None, help="write per-model results as JSON here")
     p.add_argument("--no-numerics", action="store_true", help="discovery only (meta device), no forward")
     p.add_argument("--max-params", type=float, default=30.0, help="millions of parameters above which no forward runs")

@@ -1,4 +1,5 @@
-"""The coverage sweep: patch every timm model and check that every attention is routed.
+"""The coverage sweep: patch every model of a library (timm, torchvision: :mod:`.zoos`) and
+check that every attention is routed.
 
 For each model name: build it on the ``meta`` device and patch it (which sites were found,
 routed, left alone and why, not routable and why); then, where affordable on a CPU, build it
@@ -15,7 +16,6 @@ for real, run one small forward unpatched and one patched with ``sdpa``, and che
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import signal
 import time
@@ -34,6 +34,7 @@ from .models import ungate
 from .report import MANUAL, NOT_ATTENTION, NOT_ROUTABLE, PATCHED
 from .routing import ROUTER_ATTR
 from .surgery.reroute import analyze, original_class
+from .zoos import Zoo, get_zoo
 
 TOLERANCE = 1e-4
 #: a float32 difference above TOLERANCE is rechecked in float64: random weights can amplify
@@ -137,10 +138,9 @@ def relative_error(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     return worst
 
 
-def _outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    # features, not logits: timm zero-initializes many heads, which would hide any difference
+def _outputs(zoo: Zoo, model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad():
-        return _flat(model.forward_features(x) if hasattr(model, "forward_features") else model(x))
+        return _flat(zoo.outputs(model, x))
 
 
 class _Timeout(Exception):
@@ -156,24 +156,8 @@ def _alarm(seconds: int):
         signal.alarm(seconds)
 
 
-def _create_on_meta(timm, name: str) -> torch.nn.Module:
-    """The model without memory where timm allows it: discovery needs only its modules."""
-    try:
-        return timm.create_model(name, pretrained=False, device="meta")
-    except TypeError as exc:  # an older timm takes no `device` (1.0.15 does not)
-        if "device" not in str(exc):
-            raise
-    try:
-        with torch.device("meta"):
-            return timm.create_model(name, pretrained=False)
-    except RuntimeError:  # its __init__ reads values (`.item()` of a drop-path schedule): build it for real
-        return timm.create_model(name, pretrained=False)
-
-
-def _discover(name: str, result: ModelCoverage) -> None:
-    import timm
-
-    model = _create_on_meta(timm, name)
+def _discover(zoo: Zoo, name: str, result: ModelCoverage) -> None:
+    model = zoo.build(name, meta=True)
     result.params_m = sum(p.numel() for p in model.parameters()) / 1e6
     report = patch(model, backend="sdpa")
     result.sites = sum(s.status != NOT_ATTENTION for s in report.sites)
@@ -195,25 +179,20 @@ def _discover(name: str, result: ModelCoverage) -> None:
             result.structures.setdefault(kind, 0)
 
 
-def _check_f64(name: str, seed: int = 0) -> float:
-    import timm
-
+def _check_f64(zoo: Zoo, name: str, seed: int = 0) -> float:
     torch.manual_seed(seed)
-    model = ungate(timm.create_model(name, pretrained=False)).eval().double()
-    x = torch.randn(1, *model.pretrained_cfg.get("input_size", (3, 224, 224)), dtype=torch.float64)
-    ref = _outputs(model, x)
+    model = ungate(zoo.build(name)).eval().double()
+    x = zoo.example(model, name).double()
+    ref = _outputs(zoo, model, x)
     patch(model, backend="sdpa")
-    return relative_error(_outputs(model, x), ref)
+    return relative_error(_outputs(zoo, model, x), ref)
 
 
-def _check(name: str, result: ModelCoverage, seed: int = 0) -> None:
-    import timm
-
+def _check(zoo: Zoo, name: str, result: ModelCoverage, seed: int = 0) -> None:
     torch.manual_seed(seed)
-    model = ungate(timm.create_model(name, pretrained=False)).eval()
-    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
-    x = torch.randn(1, *size)
-    ref = _outputs(model, x)
+    model = ungate(zoo.build(name)).eval()
+    x = zoo.example(model, name)
+    ref = _outputs(zoo, model, x)
     patch(model, backend="sdpa")
     probe = _Attribution()
     def enter(module, args):
@@ -228,7 +207,7 @@ def _check(name: str, result: ModelCoverage, seed: int = 0) -> None:
     ]
     try:
         with probe:
-            out = _outputs(model, x)
+            out = _outputs(zoo, model, x)
     finally:
         for h in hooks:
             h.remove()
@@ -241,15 +220,18 @@ def _check(name: str, result: ModelCoverage, seed: int = 0) -> None:
         result.structures[kind] = result.structures.get(kind, 0) + n
     result.checked = True
     if result.rel_err >= TOLERANCE:
-        result.rel_err_f64 = _check_f64(name, seed)
+        result.rel_err_f64 = _check_f64(zoo, name, seed)
 
 
-def sweep_one(name: str, *, numerics: bool = True, max_params_m: float = 30.0, timeout_s: int = 120) -> ModelCoverage:
-    """Discover, patch and (where affordable) check one timm model."""
+def sweep_one(
+    name: str, *, numerics: bool = True, max_params_m: float = 30.0, timeout_s: int = 120, zoo: str = "timm"
+) -> ModelCoverage:
+    """Discover, patch and (where affordable) check one model of ``zoo``."""
+    library = get_zoo(zoo)
     result = ModelCoverage(name)
     start = time.perf_counter()
     try:
-        _discover(name, result)
+        _discover(library, name, result)
         if not numerics:
             result.skipped = "numerics not requested"
         elif not result.routed:
@@ -259,7 +241,7 @@ def sweep_one(name: str, *, numerics: bool = True, max_params_m: float = 30.0, t
         else:
             _alarm(timeout_s)
             try:
-                _check(name, result)
+                _check(library, name, result)
             finally:
                 if hasattr(signal, "SIGALRM"):
                     signal.alarm(0)
@@ -272,13 +254,8 @@ def sweep_one(name: str, *, numerics: bool = True, max_params_m: float = 30.0, t
     return result
 
 
-def model_names(patterns: Sequence[str] = ()) -> list[str]:
-    import timm
-
-    names = timm.list_models()
-    if patterns:
-        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    return names
+def model_names(patterns: Sequence[str] = (), zoo: str = "timm") -> list[str]:
+    return get_zoo(zoo).names(patterns)
 
 
 def sweep(
@@ -287,10 +264,11 @@ def sweep(
     numerics: bool = True,
     max_params_m: float = 30.0,
     progress: Callable[[ModelCoverage], None] | None = None,
+    zoo: str = "timm",
 ) -> list[ModelCoverage]:
     results = []
     for name in names:
-        r = sweep_one(name, numerics=numerics, max_params_m=max_params_m)
+        r = sweep_one(name, numerics=numerics, max_params_m=max_params_m, zoo=zoo)
         results.append(r)
         if progress is not None:
             progress(r)
@@ -319,13 +297,15 @@ def totals(results: Sequence[ModelCoverage]) -> dict[str, int]:
 
 
 def _short(cls: str) -> str:
-    return cls.replace("timm.models.", "M.").replace("timm.layers.", "L.")
+    return cls.replace("timm.models.", "M.").replace("timm.layers.", "L.").replace("torchvision.models.", "tv.")
 
 
-def markdown(results: Sequence[ModelCoverage], *, command: str, environment: str, seconds: float) -> str:
+def markdown(
+    results: Sequence[ModelCoverage], *, command: str, environment: str, seconds: float, zoo: str = "timm"
+) -> str:
     t = totals(results)
     lines = [
-        "# attnswap coverage of timm",
+        f"{SECTION_TITLE}{zoo}",
         "",
         "Generated by the sweep; do not edit by hand. Regenerate with:",
         "",
@@ -402,6 +382,32 @@ def markdown(results: Sequence[ModelCoverage], *, command: str, environment: str
             f"{r.calls if r.checked else '-'} | {', '.join(r.structures) or '-'} | {r.seconds:.1f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+SECTION_TITLE = "# attnswap coverage of "
+
+
+def write_section(path: str | Path, text: str) -> None:
+    """Write one library's sweep into ``path``, keeping the other libraries' sections there."""
+    path = Path(path)
+    title = text.splitlines()[0]
+    sections: list[str] = []
+    if path.exists():
+        current: list[str] = []
+        for line in path.read_text().splitlines(keepends=True):
+            if line.startswith(SECTION_TITLE) and current:
+                sections.append("".join(current))
+                current = []
+            current.append(line)
+        if current:
+            sections.append("".join(current))
+    replaced = False
+    for i, section in enumerate(sections):
+        if section.splitlines()[0] == title:
+            sections[i], replaced = text, True
+    if not replaced:
+        sections.append(text)
+    path.write_text("\n".join(s.rstrip("\n") + "\n" for s in sections))
 
 
 def save_json(results: Sequence[ModelCoverage], path: str | Path) -> None:

@@ -3,14 +3,13 @@ like ``q @ kᵀ``, the einsum with v the router call, in whatever layout the mod
 (spaces, ``...``, channels first, multi-query k/v without a head letter, the list form); any
 other einsum is the einsum itself, and the output always equals the module's own."""
 
-import copy
 
 import pytest
 import torch
 from torch import nn
 
 import attnswap
-from families import assert_same_grads
+from families import assert_patched_parity
 
 #: (scores einsum, P·v einsum, q shape, k shape, v shape, scale)
 FORMS = {
@@ -107,17 +106,7 @@ def test_torchvision_maxvit_is_fully_routed_with_gradients(backend):
     pytest.importorskip("torchvision")
     model = small_maxvit().double().eval()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    ref_model = copy.deepcopy(model)
-    ref = ref_model(x)
-    ref.square().sum().backward()
-    report = attnswap.patch(model, backend=backend, strict=True)
-    assert len(report.patched) == 4 and all(s.how == "hand-written" for s in report.patched)
-    out = model(x)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    out.square().sum().backward()
-    assert_same_grads(model, ref_model, rtol=1e-9, atol=1e-12)
-    stats = attnswap.stats(model)
-    assert stats.by_backend() == {backend: 4} and not any(s.unrouted for s in stats)
+    assert_patched_parity(model, x, backend, sites=4, how="hand-written")
 
 
 def test_torchvision_maxvit_runs_no_softmax_of_its_own_on_sdpa():
