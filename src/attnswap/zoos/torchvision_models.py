@@ -33,8 +33,11 @@ def build(name: str, *, meta: bool = False) -> torch.nn.Module:
     if "weights_backbone" in inspect.signature(builder).parameters:
         kwargs["weights_backbone"] = None  # its default downloads an ImageNet backbone
     if meta:
-        with torch.device("meta"):
-            return builder(**kwargs)
+        try:
+            with torch.device("meta"):
+                return builder(**kwargs)
+        except (RuntimeError, NotImplementedError):  # its __init__ reads values (RegNet's widths): build it for real
+            pass
     return builder(**kwargs)
 
 
