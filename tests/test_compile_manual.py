@@ -51,10 +51,20 @@ def _compiled_runs(model, x, backend="eager"):
     return outs, counter
 
 
-@pytest.mark.parametrize(
-    "backend", ["sdpa", pytest.param("sdpa_math", marks=pytest.mark.slow), pytest.param("eager", marks=pytest.mark.slow)]
-)
-@pytest.mark.parametrize("family", list(MANUAL_FAMILIES))
+#: compiled in the fast suite with ``sdpa`` (the rest of the families, ``sdpa_math`` for all and
+#: ``eager`` for these run with ``-m slow``): one per kind of hand-written code
+FAST_SAMPLE = ("levit", "efficientvit_msra", "swinv2", "mvitv2", "convit", "davit_channel")
+
+
+def _cases():
+    for family in MANUAL_FAMILIES:
+        yield pytest.param(family, "sdpa", marks=() if family in FAST_SAMPLE else pytest.mark.slow)
+        yield pytest.param(family, "sdpa_math", marks=pytest.mark.slow)
+        if family in FAST_SAMPLE:
+            yield pytest.param(family, "eager", marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("family, backend", list(_cases()))
 def test_hand_written_attention_routes_inside_a_compiled_graph(family, backend):
     if backend == "sdpa_math" and not PINNED_KERNEL_IN_GRAPH:
         pytest.skip("this torch cannot trace a pinned kernel")
