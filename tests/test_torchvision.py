@@ -154,3 +154,21 @@ def test_swin_helper_patched_model_pickles_patched():
     with torch.no_grad():
         assert torch.equal(loaded(x), ref)
     assert attnswap.stats(loaded).by_backend() == {"eager": 8}  # the counts travel with the router
+
+
+def test_swin_helper_state_dict_untouched_and_verify_inspect_see_the_sites():
+    from attnswap.inspection import inspect
+    from attnswap.verify import verify
+
+    model, x = small_swin("swin v2")
+    model, x = model.float(), x.float()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    attnswap.patch(model, backend="sdpa")
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    attnswap.unpatch(model)
+    checked = verify(model, x, "sdpa")
+    assert len(checked.sites) == 4 and not any(s.flagged for s in checked.sites)
+    rows = inspect(model, x, "sdpa").sites
+    assert [r.how for r in rows] == ["hand-written in shifted_window_attention()"] * 4
+    assert all(call.backend.startswith("sdpa") for r in rows for call in r.calls)
