@@ -172,3 +172,51 @@ def test_swin_helper_state_dict_untouched_and_verify_inspect_see_the_sites():
     rows = inspect(model, x, "sdpa").sites
     assert [r.how for r in rows] == ["hand-written in shifted_window_attention()"] * 4
     assert all(call.backend.startswith("sdpa") for r in rows for call in r.calls)
+
+
+def small_vit():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10)
+    torch.nn.init.normal_(model.heads.head.weight)  # zero at init, which would hide every difference
+    return model
+
+
+def _torchvision_small(kind: str):
+    if kind in SWINS:
+        return small_swin(kind)
+    if kind.startswith("mvit"):
+        return small_mvit(kind == "mvit v2"), torch.randn(2, 3, 4, 32, 32, dtype=torch.float64)
+    if kind == "maxvit":
+        from surgery.test_einsum import small_maxvit
+
+        return small_maxvit().double().eval(), torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    return small_vit().double().eval(), torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_math", "sdpa_flash", "eager", "flex"])
+@pytest.mark.parametrize("kind", [*SWINS, "mvit v1", "mvit v2", "maxvit", "vit"])
+def test_every_torchvision_attention_family_on_every_cpu_backend(kind, backend):
+    """The issue's bar: float64 within 1e-12 (flex, float32 only on CPU: within 1e-5), no call
+    left to the module's own softmax, no fallback."""
+    from test_timm_manual_families import SoftmaxCounter
+
+    if backend == "flex":
+        pytest.importorskip("torch.nn.attention.flex_attention")
+    model, x = _torchvision_small(kind)
+    if backend == "flex":
+        model, x = model.float(), x.float()
+    with torch.no_grad():
+        ref = model(x)
+        attnswap.patch(model, backend=backend, strict=True)
+        counter = SoftmaxCounter()
+        with counter:
+            out = model(x)
+    limit = 1e-12 if x.dtype == torch.float64 else 1e-5
+    assert float((out - ref).abs().max() / ref.abs().max()) < limit
+    stats = attnswap.stats(model)
+    assert stats.total_calls > 0 and stats.unrouted_calls == 0 and stats.fallback_calls == 0, str(stats)
+    if backend != "eager":
+        assert counter.calls == 0

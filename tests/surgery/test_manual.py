@@ -329,3 +329,16 @@ def test_mvitv2_pool_first_attention_is_rewritten_and_keeps_timms_behaviour():
     with pytest.raises(RuntimeError) as patched:
         model(x)
     assert str(patched.value) == str(original.value)
+
+
+def test_symbolic_scores_copy_carries_every_slot():
+    # copy() spells its slots out for speed: a slot added later must be added there too
+    from attnswap.surgery.scores import _ScoresSym
+
+    q = torch.randn(1, 2, 3, 4)
+    sym = _ScoresSym(q, q, (1, 2, 3, 3))
+    sym.biases.append(q)
+    new = sym.copy()
+    for name in _ScoresSym.__slots__:
+        assert getattr(new, name) == getattr(sym, name) if not isinstance(getattr(sym, name), torch.Tensor) else getattr(new, name) is getattr(sym, name), name
+    assert new.biases is not sym.biases and new.viewed_biases is not sym.viewed_biases
