@@ -1,6 +1,7 @@
 """Hand-written attention inside ``torch.compile(fullgraph=True)`` (issue 14): the graph holds the
 chosen backend's kernel where the module computed ``softmax(q @ kᵀ)``, with no graph break, no
-recompilation of attnswap's own, and the eager output and gradients.
+recompilation of attnswap's own, and the eager output and gradients. The SDPA-call families of
+the CI sample are compiled the same way (slow).
 
 The proof is counted in the graphs dynamo captures: against the unpatched model's graph, every
 routed call removes one softmax and adds one kernel node."""
@@ -10,7 +11,7 @@ import torch
 import torch._dynamo.testing
 
 import attnswap
-from families import MANUAL_FAMILIES, assert_same_grads, build, features
+from families import FAMILIES, MANUAL_FAMILIES, assert_same_grads, build, features
 from test_timm_families import relative_error
 from versions import FLEX_ON_CPU_IN_GRAPH, PINNED_KERNEL_IN_GRAPH, needs_flex_on_cpu
 
@@ -22,12 +23,12 @@ KERNEL_NODE = {
 
 
 class _Features(torch.nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, whole: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.whole = model, whole
 
     def forward(self, x):
-        return features(self.model, x)
+        return self.model(x) if self.whole else features(self.model, x)
 
 
 def _count(graphs, needle: str) -> int:
@@ -39,10 +40,10 @@ def _count(graphs, needle: str) -> int:
     )
 
 
-def _compiled_runs(model, x, backend="eager"):
+def _compiled_runs(model, x, backend="eager", whole=False):
     """Compiled outputs of x, x again, and x after a train/eval round trip; the frame counter."""
     counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
-    compiled = torch.compile(_Features(model), fullgraph=True, backend=counter)
+    compiled = torch.compile(_Features(model, whole), fullgraph=True, backend=counter)
     with torch.no_grad():
         outs = [compiled(x), compiled(x)]
         model.train()
@@ -156,4 +157,33 @@ def test_hand_written_attention_compiles_with_flex(family):
             "inside a torch.compile graph on CPU" in r for site in stats for f in site.fallbacks for r in f.refused["flex"]
         ), str(stats)
     assert traced <= {"flex", "sdpa"}, traced
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_sdpa_call_family_compiles_with_the_kernel_in_the_graph(family):
+    torch._dynamo.reset()
+    whole = family == "attention_pool2d"  # its attention is the head, which features() leave out
+    reference, x = build(family)
+    run = _Features(reference, whole)
+    with torch.no_grad():
+        run(x)
+    try:
+        _, unpatched = _compiled_runs(reference, x, whole=whole)
+    except Exception as exc:  # noqa: BLE001 - the bar is "where the unpatched model compiles"
+        pytest.skip(f"the unpatched model does not compile with fullgraph=True: {type(exc).__name__}")
+    torch._dynamo.reset()
+    model, _ = build(family)
+    attnswap.patch(model, backend="sdpa_math")
+    with torch.no_grad():
+        eager = _Features(model, whole)(x)
+    outs, counter = _compiled_runs(model, x, whole=whole)
+    for out in outs:
+        assert relative_error(out, eager) < 1e-5
+    assert counter.frame_count <= unpatched.frame_count
+    stats = attnswap.stats(model)
+    routed = sum(sum(site.traced.values()) for site in stats)
+    assert routed > 0 and all(set(site.traced) == {"sdpa_math"} for site in stats if site.traced), str(stats)
+    assert _count(counter.graphs[:1], KERNEL_NODE["sdpa_math"]) == routed // counter.frame_count
     torch._dynamo.reset()
