@@ -187,3 +187,41 @@ def test_every_sdpa_call_family_compiles_with_the_kernel_in_the_graph(family):
     assert routed > 0 and all(set(site.traced) == {"sdpa_math"} for site in stats if site.traced), str(stats)
     assert _count(counter.graphs[:1], KERNEL_NODE["sdpa_math"]) == routed // counter.frame_count
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family, backend", [
+    ("vit", "sdpa"), ("vit", "sdpa_math"), ("levit", "sdpa"), ("swinv2", "eager"),
+    # a backend with limits: specialized to each size it decided for
+    pytest.param("vit", "flex", marks=[pytest.mark.slow, needs_flex_on_cpu]),
+])
+def test_compiled_model_takes_new_batch_sizes_with_dynamic_shapes(family, backend):
+    # a second batch size makes dynamo retrace with symbolic sizes (automatic dynamic shapes):
+    # the decision must not need concrete sizes there, or a backend with size limits must be
+    # specialized to them; before, every patched model failed to compile on its second size
+    torch._dynamo.reset()
+    reference, x = build(family)
+    unpatched = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    compiled_ref = torch.compile(_Features(reference), fullgraph=True, backend=unpatched)
+    sizes = [torch.randn(b, *x.shape[1:], generator=torch.Generator().manual_seed(b)) for b in (1, 2, 3, 4)]
+    with torch.no_grad():
+        for xb in sizes:
+            compiled_ref(xb)
+    torch._dynamo.reset()
+    model, _ = build(family)
+    attnswap.patch(model, backend=backend)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager" if backend == "flex" else "eager")
+    compiled = torch.compile(_Features(model), fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for xb in sizes:
+            assert relative_error(compiled(xb), features(model, xb)) < 1e-5
+    if attnswap.get_backend(backend).accepts_everything:
+        assert counter.frame_count == unpatched.frame_count  # one static graph, one dynamic
+    else:
+        assert counter.frame_count <= len(sizes)  # specialized to each size its decision was made for
+    last = counter.graphs[-1]
+    if backend in KERNEL_NODE:
+        assert _count([last], "softmax") == 0 or family == "convit"
+        assert _count([last], KERNEL_NODE[backend]) > 0
+    expected = {backend} if backend != "flex" or FLEX_ON_CPU_IN_GRAPH else {"sdpa"}
+    assert all(set(site.traced) == expected for site in attnswap.stats(model) if site.traced)
+    torch._dynamo.reset()

@@ -521,8 +521,16 @@ class Router:
         if isinstance(query, torch.fx.Proxy):
             return self._trace_fx(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if _is_compiling():
+            fixed = self._fixed
+            if fixed is not None and (attn_mask is None or type(attn_mask) is _Tensor):
+                # a backend that takes every call: no facts, so no sizes to specialize on, and a
+                # graph traced with dynamic shapes (a second batch size) holds it for every size
+                _note_fixed_traced(self._token)
+                return fixed.run(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
             facts = replace(facts_of(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa), in_graph=True)
-            name, reshape_4d, cast = _decide_while_tracing(self._token, facts_key(facts))
+            # a decision may depend on sizes (a kernel's limits): under dynamic shapes each size is
+            # pinned, so this graph is guarded to the sizes the decision was made for
+            name, reshape_4d, cast = _decide_while_tracing(self._token, _pinned(facts_key(facts)))
             run = _runner(registry._backends[name], reshape_4d, self.site, None if cast is None else DTYPES[cast], facts)
             return run(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         # a tensor subclass (FakeTensor under export, DTensor, ...): same decision, not cached
@@ -592,6 +600,43 @@ def _assume_constant_result(fn: Callable) -> Callable:
     # that the public decorator still sets exactly this attribute.
     fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
     return fn
+
+
+def _pin(size: int) -> int:
+    """``size`` as a constant. Dynamo traces a symbolic size as an ``int`` whose ``int()`` stays
+    symbolic, so the value is found by comparisons, each of which dynamo turns into a guard: the
+    graph is then specialized to it (a plain int just runs the loop)."""
+    if size < 0:
+        return -_pin(-size)
+    hi = 1
+    while size >= hi:
+        hi *= 2
+    lo = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if size >= mid:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _pinned(value: Any) -> Any:
+    """``value`` (the facts of a traced call) with every size pinned (see :func:`_pin`)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(_pinned(v) for v in value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _pin(value)
+    return value
+
+
+@_assume_constant_result
+def _note_fixed_traced(token: int) -> int:
+    """Runs eagerly while dynamo traces a call of a backend that takes every call: counted."""
+    router = _live_routers[token]
+    if router._fixed is not None:
+        router._fixed.tally.traced += 1
+    return 0
 
 
 @_assume_constant_result
