@@ -493,23 +493,26 @@ class _ProbsSym:
 def _route_probs(router, probs: _ProbsSym, v: _Tensor) -> _Tensor | None:
     """``probs @ v`` through the router, or None when ``v`` does not fit."""
     s = probs.scores
-    lead = s.shape[:-2]
-    if not (_is_plain_tensor(v) and v.dtype == s.dtype and v.device == s.device and v.dim() >= 2):
+    lead = tuple(s.shape[:-2])
+    if not (_is_plain_tensor(v) and v.dtype == s.dtype and v.device == s.device):
         return None
-    if v.shape[-2] != s.shape[-1] or v.dim() - 2 > len(lead):
+    v_shape = v.shape
+    if len(v_shape) < 2 or v_shape[-2] != s.shape[-1] or len(v_shape) - 2 > len(lead):
         return None
-    if any(b != 1 and b != a for a, b in zip(reversed(lead), reversed(v.shape[:-2]))):
+    v_lead = tuple(v_shape[:-2])
+    if v_lead != lead and any(b != 1 and b != a for a, b in zip(reversed(lead), reversed(v_lead))):
         return None  # v would enlarge the batch dims: the product broadcasts, attention does not
     q = s.q if s.q_mul is None else s.q * s.q_mul
-    if tuple(q.shape[:-2]) != lead:
-        q = q.expand(*lead, *q.shape[-2:])
+    q_shape = q.shape
+    if tuple(q_shape[:-2]) != lead:
+        q = q.expand(*lead, *q_shape[-2:])
     bias = None
     for b in s.biases:
         bias = b if bias is None else bias + b
     out = router.route(q, s.k, v, attn_mask=bias, dropout_p=probs.dropout_p, scale=s.scale)
     if not out.is_contiguous():  # what a matmul returns, and what module code may .view()
         out = out.contiguous()
-    expected = (*lead, s.shape[-2], v.shape[-1])
+    expected = (*lead, s.shape[-2], v_shape[-1])
     if tuple(out.shape) != expected:
         from ..errors import AttnSwapError
 
@@ -672,20 +675,22 @@ class Mix(Lazy):
 
 def scores_or_product(router: Any, a: Any, b: Any, op: Callable = operator.matmul) -> Any:
     """``a @ b`` as the module wrote it, or a :class:`Scores` when it may be ``q @ kᵀ``."""
+    if router is None or not (_is_plain_tensor(a) and _is_plain_tensor(b)):
+        return op(a, b)
+    a_shape, b_shape = a.shape, b.shape  # each .shape builds a torch.Size: read once
+    dtype = a.dtype
     if (
-        router is None
-        or not (_is_plain_tensor(a) and _is_plain_tensor(b))
-        or a.dim() < 2 or b.dim() < 2
-        or a.dtype != b.dtype or not a.dtype.is_floating_point or a.device != b.device
-        or a.shape[-1] != b.shape[-2]
+        len(a_shape) < 2 or len(b_shape) < 2
+        or dtype != b.dtype or not dtype.is_floating_point or a.device != b.device
+        or a_shape[-1] != b_shape[-2]
     ):
         return op(a, b)
-    lead = broadcast(a.shape[:-2], b.shape[:-2])
+    lead = broadcast(a_shape[:-2], b_shape[:-2])
     if lead is None:
         return op(a, b)
-    if op is torch.bmm and (a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0]):
+    if op is torch.bmm and (len(a_shape) != 3 or len(b_shape) != 3 or a_shape[0] != b_shape[0]):
         return op(a, b)
-    shape = (*lead, a.shape[-2], b.shape[-1])
+    shape = (*lead, a_shape[-2], b_shape[-1])
     return Scores(router, (op, (a, b), {}), _ScoresSym(a, b.transpose(-2, -1), shape))
 
 
