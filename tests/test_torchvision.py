@@ -96,20 +96,14 @@ def test_swin_helper_routes_every_call_with_gradients(kind, backend):
 
 @pytest.mark.parametrize("kind", SWINS)
 def test_swin_helper_in_a_compiled_graph_holds_the_kernel(kind):
-    import torch._dynamo.testing
+    from test_compile_export import _compiled_twice
 
     torch._dynamo.reset()
     model, x = small_swin(kind)
     with torch.no_grad():
         ref = model(x)
     attnswap.patch(model, backend="sdpa_math")
-    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
-    compiled = torch.compile(model, fullgraph=True, backend=counter)
-    with torch.no_grad():
-        outs = [compiled(x), compiled(x)]
-        model.train()
-        model.eval()
-        outs.append(compiled(x))
+    outs, counter = _compiled_twice(model, x, "eager")
     for out in outs:
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     assert counter.frame_count == 1

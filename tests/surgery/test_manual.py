@@ -342,3 +342,18 @@ def test_symbolic_scores_copy_carries_every_slot():
     for name in _ScoresSym.__slots__:
         assert getattr(new, name) == getattr(sym, name) if not isinstance(getattr(sym, name), torch.Tensor) else getattr(new, name) is getattr(sym, name), name
     assert new.biases is not sym.biases and new.viewed_biases is not sym.viewed_biases
+
+
+def test_helper_discovery_skips_an_empty_closure_cell():
+    # a method whose closure variable is not assigned yet must not break the class analysis
+    from attnswap.surgery import helpers
+
+    def outer():
+        def method(self, x):
+            return later(x)  # noqa: F821 - bound after method is made
+
+        cell_fn = method
+        return cell_fn
+        later = None  # noqa: F841 - never reached: the cell stays empty
+
+    assert helpers.calls_helpers(outer()) is False

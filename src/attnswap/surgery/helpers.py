@@ -71,11 +71,11 @@ def _mentions_attention(code: types.CodeType) -> bool:
 def _callees(fn: types.FunctionType) -> list[types.FunctionType]:
     """Plain functions ``fn`` names as globals or closure variables (a cheap pre-check)."""
     found = []
-    closure = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ()))) if fn.__closure__ else {}
+    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
     for name in fn.__code__.co_names + fn.__code__.co_freevars:
         try:
-            target = closure[name] if name in closure else fn.__globals__.get(name)
-        except ValueError:  # an empty cell
+            target = cells[name].cell_contents if name in cells else fn.__globals__.get(name)
+        except ValueError:  # an empty cell (a closure variable not assigned yet)
             continue
         if _is_candidate(target):
             found.append(target)

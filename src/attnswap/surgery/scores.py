@@ -46,10 +46,13 @@ _TENSOR_BINARY: dict[Callable, Callable] = {
     _Tensor.__truediv__: operator.truediv, torch.div: operator.truediv, _Tensor.div: operator.truediv,
     _Tensor.__matmul__: operator.matmul, torch.matmul: operator.matmul, _Tensor.matmul: operator.matmul,
 }
-_REFLECTED_NAMES = {
-    "__radd__": operator.add, "__rsub__": operator.sub, "__rmul__": operator.mul,
-    "__rtruediv__": operator.truediv, "__rdiv__": operator.truediv, "__rmatmul__": operator.matmul,
-}
+_REFLECTED: tuple[tuple[Callable, Callable], ...] = tuple(
+    (getattr(_Tensor, name), op)
+    for name, op in (
+        ("__radd__", operator.add), ("__rsub__", operator.sub), ("__rmul__", operator.mul),
+        ("__rtruediv__", operator.truediv), ("__rdiv__", operator.truediv), ("__rmatmul__", operator.matmul),
+    )
+)
 
 
 def _reflected_op(func: Callable) -> Callable | None:
@@ -58,8 +61,8 @@ def _reflected_op(func: Callable) -> Callable | None:
     Python reaches them only after the left operand declined; dynamo reaches them first for a
     non-tensor left operand (``Scores - bias`` is traced as ``Tensor.__rsub__(bias, scores)``).
     Matched by identity, not by a dict keyed on functions, whose membership dynamo misjudges."""
-    for name, op in _REFLECTED_NAMES.items():
-        if func is getattr(_Tensor, name):
+    for reflected, op in _REFLECTED:
+        if func is reflected:
             return op
     return None
 
