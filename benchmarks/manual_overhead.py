@@ -43,8 +43,13 @@ def forward_ms(model: torch.nn.Module, x: torch.Tensor, calls: int) -> float:
 
 
 def own_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """The hand-written modules' own computation, as a backend (no dropout, causal or GQA here)."""
-    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    """The hand-written modules' own computation, as a backend (no dropout, causal or GQA here).
+    A module that scaled q itself (EfficientViT-MSRA) reaches it with ``scale=1.0``: multiplying
+    by one is not part of its math."""
+    scores = q @ k.transpose(-2, -1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if scale != 1.0:
+        scores = scores * scale
     if attn_mask is not None:
         scores = scores + attn_mask
     return scores.softmax(-1) @ v

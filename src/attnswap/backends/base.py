@@ -8,6 +8,7 @@ calls it with anything outside those limits.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
@@ -300,6 +301,28 @@ class Backend:
         return f"<attnswap backend {self.name!r}>"
 
 
+_KERNEL_PARAMETERS = ("attn_mask", "dropout_p", "is_causal")
+
+
+def _takes_kernel_convention(fn: Callable) -> bool:
+    """``fn(q, k, v, attn_mask, dropout_p, is_causal, scale=, enable_gqa=)`` means what
+    ``fn(q, k, v, attn_mask=, dropout_p=, is_causal=, scale=, enable_gqa=)`` means: its 4th to
+    6th parameters are those names, passable by position, and it takes ``scale`` and
+    ``enable_gqa`` by keyword."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(params) < 6 or any(p.kind not in positional for p in params[:6]):
+        return False
+    if tuple(p.name for p in params[3:6]) != _KERNEL_PARAMETERS or params[3].kind is inspect.Parameter.POSITIONAL_ONLY:
+        return False
+    names = {p.name: p for p in params[6:]}
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return all(n in names and names[n].kind in keyword for n in ("scale", "enable_gqa"))
+
+
 class FunctionBackend(Backend):
     """A user function registered with :func:`attnswap.register_backend`."""
 
@@ -341,6 +364,12 @@ class FunctionBackend(Backend):
             query, key, value,
             attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
         )
+
+    @property
+    def kernel(self) -> AttentionFn:
+        # the function itself when it takes the kernel convention as it stands (SDPA's own
+        # parameter order): one Python frame less per call
+        return self.fn if _takes_kernel_convention(self.fn) else self.__call__
 
     def varlen_reasons(self, facts: CallFacts) -> list[str]:
         return super().varlen_reasons(facts) if self.varlen_fn is None else []

@@ -156,13 +156,14 @@ def _make_copy(fn: types.FunctionType, depth: int) -> HelperCopy | str | None:
     funcdef = sdpa.visit(funcdef)
     if sdpa.stray:
         return f"{fn.__qualname__} uses {sdpa.stray[0]} other than by calling it"
-    products = manual.defer_products(fn, funcdef, MODULE_ARG, settle_returns=True)
+    chains: dict[str, Any] = {}
+    products = manual.defer_products(fn, funcdef, MODULE_ARG, settle_returns=True, cells=chains)
     if isinstance(products, str):
         return f"{fn.__qualname__}: {products}"
     products = products or 0
     if not (sdpa.calls or products or nested):
         return None
-    cells.update({reroute.UNROUTED_NAME: reroute.UNROUTED, **sdpa.builders, **manual.HELPERS})
+    cells.update({reroute.UNROUTED_NAME: reroute.UNROUTED, **sdpa.builders, **manual.HELPERS, **chains})
     copy = compile_like(fn, funcdef, cells)
     structures = list(sdpa.structures)
     for inner in nested:

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from ..routing import ROUTER_ATTR
+from .chains import fuse_chains
 from .scores import Lazy, additive, einsum_scores, scores_or_product
 from .source import Missing, compile_like, local_names, parse_method, resolve, self_name
 
@@ -65,19 +66,26 @@ ADDITIVE: frozenset[str] = frozenset({
     "torchvision.models.video.mvit._add_rel_pos",
 })
 
+#: fuse straight chains into one call (:mod:`.chains`); off, every chain runs symbolically (tests compare the two)
+FUSE_CHAINS = True
+
 MM_HELPER = "__attnswap_mm__"
 EINSUM_HELPER = "__attnswap_einsum__"
 ADDITIVE_HELPER = "__attnswap_additive__"
 SETTLE_HELPER = "__attnswap_settle__"
 
 
-def _mm(module: torch.nn.Module, a: Any, b: Any, bmm: bool = False) -> Any:
+def _mm(module: torch.nn.Module, a: Any, b: Any, bmm: bool = False, scores: bool = True) -> Any:
+    """``a @ b`` (``torch.bmm`` when ``bmm``); symbolic scores when ``scores`` (the product feeds
+    a softmax) and its operands may be ``q`` and ``kᵀ``."""
     # a product of symbolic scores or probabilities names its dunder explicitly: dynamo traces
     # ``lazy @ v`` as ``Tensor.matmul(v, lazy)``, the same call it makes for ``v @ lazy``
     if isinstance(a, Lazy):
         return torch.bmm(a, b) if bmm else a.__matmul__(b)
     if isinstance(b, Lazy):
         return torch.bmm(a, b) if bmm else b.__rmatmul__(a)
+    if not scores:  # ``attn @ v`` after the probabilities settled: just the product
+        return torch.bmm(a, b) if bmm else a @ b
     return scores_or_product(module.__dict__.get(ROUTER_ATTR), a, b, torch.bmm if bmm else operator.matmul)
 
 
@@ -301,10 +309,20 @@ class _Rewriter(ast.NodeTransformer):
         if key in self.rewrite:
             self.count += key in self.p.feeding
             return ast.copy_location(
-                ast.Call(func=ast.Name(id=MM_HELPER, ctx=ast.Load()), args=[self._self(), node.left, node.right], keywords=[]),
+                ast.Call(
+                    func=ast.Name(id=MM_HELPER, ctx=ast.Load()),
+                    args=[self._self(), node.left, node.right, *self._flags(key, False)],
+                    keywords=[],
+                ),
                 node,
             )
         return node
+
+    def _flags(self, key: int, bmm: bool) -> list[ast.expr]:
+        """``_mm``'s ``bmm`` and ``scores`` arguments, when not their defaults."""
+        if key not in self.p.feeding:
+            return [ast.Constant(value=bmm), ast.Constant(value=False)]
+        return [ast.Constant(value=True)] if bmm else []
 
     def visit_Call(self, node: ast.Call) -> ast.AST:
         key = id(node)
@@ -319,9 +337,12 @@ class _Rewriter(ast.NodeTransformer):
             )
         if kind is not None:
             self.count += key in self.p.feeding
-            extra = [ast.Constant(value=True)] if kind.endswith("bmm") else []
             return ast.copy_location(
-                ast.Call(func=ast.Name(id=MM_HELPER, ctx=ast.Load()), args=[self._self(), *self.p.operands(node), *extra], keywords=[]),
+                ast.Call(
+                    func=ast.Name(id=MM_HELPER, ctx=ast.Load()),
+                    args=[self._self(), *self.p.operands(node), *self._flags(key, kind.endswith("bmm"))],
+                    keywords=[],
+                ),
                 node,
             )
         if is_additive:
@@ -345,28 +366,36 @@ class _Rewriter(ast.NodeTransformer):
 
 
 def rewrite_manual(
-    fn: Callable, *, is_method: bool, lazy_methods: frozenset[str] = frozenset()
+    fn: Callable, *, is_method: bool, lazy_methods: frozenset[str] = frozenset(), name: str | None = None
 ) -> tuple[Callable, int] | str | None:
     """``fn`` with its softmax-feeding products deferred, and how many; or a reason it cannot be
     (a string); or None when ``fn`` computes no hand-written attention.
 
     ``lazy_methods``: methods of the class rewritten so, whose results may be symbolic; a product
-    ``fn`` computes from them (ConViT's ``get_attention(x) @ v``) is rewritten too."""
+    ``fn`` computes from them (ConViT's ``get_attention(x) @ v``) is rewritten too. ``name``: the
+    attribute the class holds ``fn`` under (``fn.__name__`` by default); a ``forward`` settles
+    what it returns."""
     funcdef = parse_method(fn, is_method=is_method)
     self_arg = self_name(funcdef, is_method=is_method)
-    found = defer_products(fn, funcdef, self_arg, settle_returns=fn.__name__ == "forward", lazy_methods=lazy_methods)
+    cells = dict(HELPERS)
+    found = defer_products(
+        fn, funcdef, self_arg, settle_returns=(name or fn.__name__) == "forward", lazy_methods=lazy_methods,
+        cells=cells,
+    )
     if found is None or isinstance(found, str):
         return found
-    return compile_like(fn, funcdef, HELPERS), found
+    return compile_like(fn, funcdef, cells), found
 
 
 def defer_products(
     fn: Callable, funcdef: ast.FunctionDef, self_arg: str | None, *, settle_returns: bool,
-    lazy_methods: frozenset[str] = frozenset(),
+    lazy_methods: frozenset[str] = frozenset(), cells: dict[str, Any] | None = None,
 ) -> int | str | None:
     """Rewrites ``funcdef`` (``fn``'s own tree) in place: its softmax-feeding products and the
-    products consuming them call the helpers in :data:`HELPERS` with ``self_arg`` (the module).
-    Returns how many scores products, None when there are none, or why it cannot be (a string)."""
+    products consuming them call the helpers in :data:`HELPERS` with ``self_arg`` (the module);
+    straight chains become one call each (:mod:`.chains`), added to ``cells`` by the names the
+    code calls them by. Returns how many scores products, None when there are none, or why it
+    cannot be (a string)."""
     products = _Products(fn, self_arg, local_names(funcdef), lazy_methods)
     products.run(funcdef)
     # the scores products, and the products that consume their probabilities (``attn @ v``)
@@ -377,6 +406,9 @@ def defer_products(
         return None
     if self_arg is None:
         return "computes attention outside an instance method, so there is no router to reach"
+    fused = fuse_chains(products, funcdef, self_arg) if FUSE_CHAINS else {}
+    if cells is not None:
+        cells.update(fused)
     rewriter = _Rewriter(products, rewrite, is_forward=settle_returns)
     rewriter.visit(funcdef)
-    return rewriter.count
+    return rewriter.count + len(fused)

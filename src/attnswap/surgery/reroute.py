@@ -241,7 +241,7 @@ def _analyze(cls: type) -> ClassRewrite | None:
         if not _mentions_softmax(fn.__code__):
             continue
         try:
-            found_manual = manual.rewrite_manual(fn, is_method=isinstance(attr, types.FunctionType))
+            found_manual = manual.rewrite_manual(fn, is_method=isinstance(attr, types.FunctionType), name=name)
         except NotRewritable as exc:
             found_manual = str(exc)
         if isinstance(found_manual, str):
@@ -257,7 +257,7 @@ def _analyze(cls: type) -> ClassRewrite | None:
                 continue
             try:
                 found_manual = manual.rewrite_manual(
-                    fn, is_method=isinstance(attr, types.FunctionType), lazy_methods=lazy_methods
+                    fn, is_method=isinstance(attr, types.FunctionType), lazy_methods=lazy_methods, name=name
                 )
             except NotRewritable:
                 continue  # its products settle the probabilities: computed as written, counted

@@ -336,9 +336,12 @@ class _ScoresSym:
 
 def _fits(shape: tuple[int, ...], other: _Tensor) -> bool:
     """``other`` broadcasts to ``shape`` without enlarging it."""
-    if other.dim() > len(shape):
+    other_shape = other.shape
+    if other_shape == shape[len(shape) - len(other_shape):]:  # the usual bias: the scores' trailing dims
+        return True
+    if len(other_shape) > len(shape):
         return False
-    for a, b in zip(reversed(shape), reversed(other.shape)):
+    for a, b in zip(reversed(shape), reversed(other_shape)):
         if b != 1 and b != a:
             return False
     return True
@@ -496,32 +499,43 @@ class _ProbsSym:
 def _route_probs(router, probs: _ProbsSym, v: _Tensor) -> _Tensor | None:
     """``probs @ v`` through the router, or None when ``v`` does not fit."""
     s = probs.scores
-    lead = tuple(s.shape[:-2])
-    if not (_is_plain_tensor(v) and v.dtype == s.dtype and v.device == s.device):
+    return route_scores(router, s.q, s.k, s.q_mul, s.scale, s.biases, s.shape, probs.dropout_p, v)
+
+
+def route_scores(
+    router, q: _Tensor, k: _Tensor, q_mul: _Tensor | None, scale: float, biases: list, shape: tuple, dropout_p: float,
+    v: Any,
+) -> _Tensor | None:
+    """``softmax((q · q_mul) @ kᵀ · scale + Σ biases) @ v`` (scores shaped ``shape``, dropout
+    ``dropout_p``) as one router call; None when ``v`` does not fit."""
+    kind = type(v)
+    if not ((kind is _Tensor or kind is torch.nn.Parameter) and v.dtype == q.dtype and v.device == q.device):
         return None
     v_shape = v.shape
-    if len(v_shape) < 2 or v_shape[-2] != s.shape[-1] or len(v_shape) - 2 > len(lead):
+    lead = shape[:-2]
+    if len(v_shape) < 2 or v_shape[-2] != shape[-1] or len(v_shape) - 2 > len(lead):
         return None
-    v_lead = tuple(v_shape[:-2])
+    v_lead = v_shape[:-2]
     if v_lead != lead and any(b != 1 and b != a for a, b in zip(reversed(lead), reversed(v_lead))):
         return None  # v would enlarge the batch dims: the product broadcasts, attention does not
-    q = s.q if s.q_mul is None else s.q * s.q_mul
+    if q_mul is not None:
+        q = q * q_mul
     q_shape = q.shape
-    if tuple(q_shape[:-2]) != lead:
+    if q_shape[:-2] != lead:
         q = q.expand(*lead, *q_shape[-2:])
     bias = None
-    for b in s.biases:
+    for b in biases:
         bias = b if bias is None else bias + b
-    out = router.route(q, s.k, v, attn_mask=bias, dropout_p=probs.dropout_p, scale=s.scale)
+    out = router.route(q, k, v, bias, dropout_p, False, scale)
     if not out.is_contiguous():  # what a matmul returns, and what module code may .view()
         out = out.contiguous()
-    expected = (*lead, s.shape[-2], v_shape[-1])
-    if tuple(out.shape) != expected:
+    out_shape = out.shape
+    if out_shape[:-2] != lead or out_shape[-2] != shape[-2] or out_shape[-1] != v_shape[-1]:
         from ..errors import AttnSwapError
 
         raise AttnSwapError(
             f"attnswap routed a hand-written attention at site {router.site or '<root>'} and got shape "
-            f"{tuple(out.shape)}, expected {expected}; please report this with the model name"
+            f"{tuple(out_shape)}, expected {(*lead, shape[-2], v_shape[-1])}; please report this with the model name"
         )
     return out
 
@@ -676,10 +690,11 @@ class Mix(Lazy):
 
 
 
-def scores_or_product(router: Any, a: Any, b: Any, op: Callable = operator.matmul) -> Any:
-    """``a @ b`` as the module wrote it, or a :class:`Scores` when it may be ``q @ kᵀ``."""
-    if router is None or not (_is_plain_tensor(a) and _is_plain_tensor(b)):
-        return op(a, b)
+def product_shape(a: Any, b: Any, bmm: bool) -> tuple[int, ...] | None:
+    """The shape of ``a @ b`` (``torch.bmm`` when ``bmm``) when it may be attention scores
+    ``q @ kᵀ``: plain floating tensors of one dtype and device that multiply; else None."""
+    if not (_is_plain_tensor(a) and _is_plain_tensor(b)):
+        return None
     a_shape, b_shape = a.shape, b.shape  # each .shape builds a torch.Size: read once
     dtype = a.dtype
     if (
@@ -687,13 +702,20 @@ def scores_or_product(router: Any, a: Any, b: Any, op: Callable = operator.matmu
         or dtype != b.dtype or not dtype.is_floating_point or a.device != b.device
         or a_shape[-1] != b_shape[-2]
     ):
-        return op(a, b)
+        return None
     lead = broadcast(a_shape[:-2], b_shape[:-2])
     if lead is None:
+        return None
+    if bmm and (len(a_shape) != 3 or len(b_shape) != 3 or a_shape[0] != b_shape[0]):
+        return None
+    return (*lead, a_shape[-2], b_shape[-1])
+
+
+def scores_or_product(router: Any, a: Any, b: Any, op: Callable = operator.matmul) -> Any:
+    """``a @ b`` as the module wrote it, or a :class:`Scores` when it may be ``q @ kᵀ``."""
+    shape = None if router is None else product_shape(a, b, op is torch.bmm)
+    if shape is None:
         return op(a, b)
-    if op is torch.bmm and (len(a_shape) != 3 or len(b_shape) != 3 or a_shape[0] != b_shape[0]):
-        return op(a, b)
-    shape = (*lead, a_shape[-2], b_shape[-1])
     return Scores(router, (op, (a, b), {}), _ScoresSym(a, b.transpose(-2, -1), shape))
 
 
