@@ -207,20 +207,31 @@ def test_fused_chains_equal_the_modules_math_and_the_symbolic_rewrite(spelling, 
     assert s.unrouted_calls == (spelling == "probabilities returned")
 
 
-def test_dropout_reaches_the_router_from_the_fused_chain_at_call_time(registered):
-    rec = Recorder()
-    registered("rec", rec)
-    m = _patched(_statements, "rec", p=0.25)
+def test_dropout_in_training_reaches_the_router_as_the_symbolic_path_gives_it(registered, monkeypatch):
+    fast, slow = Recorder(), Recorder()
+    registered("rec_fast", fast)
+    registered("rec_slow", slow)
+    m = _patched(_augmented_dropout, "rec_fast", p=0.25).train()
+    unfused = _patched(_augmented_dropout, "rec_slow", fuse=False, monkeypatch=monkeypatch, p=0.25).train()
     assert fused_chains(m)
     q, k, v, bias = _args()
-    m.train()
-    m(q, k, v, bias)
-    m.eval()
-    m(q, k, v, bias)
-    m.attn_drop.p = 0.5
-    m.train()
-    m(q, k, v, bias)
-    assert [c[4] for c in rec.calls] == [0.25, 0.0, 0.5]
+    for module in (m, unfused):
+        module(q, k, v, bias)
+        module.attn_drop.p = 0.0
+        module(q, k, v, bias)
+    # dropout twice (F.dropout, then the module's) is not one attention: computed as written
+    assert [c[4] for c in fast.calls] == [0.25]
+    assert same_calls(fast.calls, slow.calls)
+    assert attnswap.stats(m).unrouted_calls == attnswap.stats(unfused).unrouted_calls == 1
+
+
+def _augmented_dropout(self, q, k, v, bias):
+    attn = q @ k.transpose(-2, -1)
+    attn *= self.scale
+    attn = attn.softmax(dim=-1)
+    attn = F.dropout(attn, 0.25, self.training)
+    attn = self.attn_drop(attn)
+    return attn @ v
 
 
 @pytest.fixture
@@ -348,3 +359,30 @@ def test_timm_chains_are_fused_and_give_the_symbolic_calls(name, registered, mon
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     assert torch.equal(out, out_unfused)
     assert same_calls(fast.calls, slow.calls) and fast.calls
+
+
+def test_module_hooks_anywhere_send_the_chain_through_the_symbolic_path(replays):
+    q, k, v, bias = _args()
+    m = _patched(_divided_module_softmax, "eager")
+    plain = make(_divided_module_softmax)()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, args, out: None)
+    try:
+        torch.testing.assert_close(m(q, k, v, bias), plain(q, k, v, bias), rtol=1e-12, atol=1e-12)
+    finally:
+        handle.remove()
+    assert len(replays) == 1
+    m(q, k, v, bias)
+    assert len(replays) == 1  # hook gone: the fast path again
+
+
+def test_an_argument_given_twice_raises_the_modules_own_error():
+    def twice(self, q, k, v, bias):
+        attn = q @ k.transpose(-2, -1)
+        attn = attn.softmax(-1, dim=-1)
+        return attn @ v
+
+    m = make(twice)()
+    attnswap.patch(m, backend="eager")
+    assert fused_chains(m) and not fused_chains(m)[0].fast
+    with pytest.raises(TypeError):
+        m(*_args())

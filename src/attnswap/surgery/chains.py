@@ -9,8 +9,8 @@ Most hand-written attention is a run of consecutive statements on one name, used
 
 :func:`fuse_chains` rewrites such a run statically: every operand (``q``, ``k``, ``self.scale``,
 ``bias``, the softmax's ``dim``, ``self.attn_drop``) is evaluated where the module evaluated it,
-in source order, into one tuple; the product with ``v`` becomes one call of :func:`run_chain`.
-At call time that call checks that the operands make an attention one SDPA call computes
+in source order, into one tuple; the product with ``v`` becomes one call of a
+:class:`FusedChain`. At call time it checks that the operands make an attention one SDPA call computes
 exactly (plain tensors that fit, a number as scale, a softmax over the last dim, a dropout
 module without hooks) and makes the router call. Whatever the check does not accept is
 replayed operation by operation as the module wrote it, through the symbolic scores of
@@ -371,7 +371,7 @@ class FusedChain:
     routes through these operations, with the same arguments (tests/surgery/test_chains.py)."""
 
     __slots__ = (
-        "spec", "bmm", "placed", "terms", "fast", "softmax_fn", "softmax_plain", "softmax_dim", "softmax_dtype",
+        "spec", "bmm", "placed", "terms", "fast", "softmax_fn", "softmax_plain", "softmax_args", "softmax_torch_args",
         "drops", "transposed", "consumer_bmm", "feeds", "dims",
     )
 
@@ -393,17 +393,20 @@ class FusedChain:
             code = _TERM_CODES[op[1]]
             self.terms.append((at, _OTHER if reflected and code in (_SUB, _DIV) else code))
         op, at = self.placed[softmax_at]
+        #: operand indices of the softmax's ``dim`` and ``dtype`` (None: not passed); for a call,
+        #: as ``F.softmax(attn, dim, _stacklevel, dtype)`` reads them, and as ``torch.softmax(attn, dim, dtype)``
+        self.softmax_fn: int | None = None
         if op[0] == "method":  # attn.softmax(dim, dtype)
             args = _Args(at, op[2], op[3])
-            self.softmax_fn = None
-            self.softmax_dim = {None: args.at("dim", 0)}
-            self.softmax_dtype = {None: args.at("dtype", 1)}
-        else:  # F.softmax(attn, dim, _stacklevel, dtype), torch.softmax(attn, dim, dtype), nn.Softmax
+            self.softmax_args = self.softmax_torch_args = (args.at("dim", 0), args.at("dtype", 1))
+            self.softmax_plain = False
+        else:
             args = _Args(at + 1, op[1], op[2])
             self.softmax_fn = at
-            self.softmax_dim = {F.softmax: args.at("dim", 0), torch.softmax: args.at("dim", 0)}
-            self.softmax_dtype = {F.softmax: args.at("dtype", 2), torch.softmax: args.at("dtype", 1)}
-        self.softmax_plain = not op[-2 if op[0] == "method" else 1] and not op[-1]  # called with nothing but attn
+            self.softmax_args = (args.at("dim", 0), args.at("dtype", 2))
+            self.softmax_torch_args = (args.at("dim", 0), args.at("dtype", 1))
+            #: called with nothing but the scores: may be an ``nn.Softmax`` module
+            self.softmax_plain = not op[1] and not op[2]
         #: (operand index of the callable, indices of p and training, or None for a module) per dropout
         self.drops: list[tuple[int, int | None, int | None, bool]] = []
         fast = not args.clash
@@ -447,19 +450,18 @@ class FusedChain:
                 biases = [t * other if code == _MUL else t / other for t in biases]
             else:
                 return None
+        # functions compared by identity, never looked up in a dict (dynamo misjudges those)
         if self.softmax_fn is None:
-            key = None
+            dim, sm_dtype = _get(operands, self.softmax_args[0], None), _get(operands, self.softmax_args[1], None)
         else:
-            key = operands[self.softmax_fn]
-            if key is not F.softmax and key is not torch.softmax:
-                if not (self.softmax_plain and _plain_module(key, torch.nn.Softmax)):
-                    return None
-                key = "module"
-        if key == "module":
-            dim, sm_dtype = operands[self.softmax_fn].dim, None
-        else:
-            dim = _get(operands, self.softmax_dim[key], None)
-            sm_dtype = _get(operands, self.softmax_dtype[key], None)
+            softmax = operands[self.softmax_fn]
+            if softmax is F.softmax or softmax is torch.softmax:
+                dim_at, dtype_at = self.softmax_args if softmax is F.softmax else self.softmax_torch_args
+                dim, sm_dtype = _get(operands, dim_at, None), _get(operands, dtype_at, None)
+            elif self.softmax_plain and _plain_module(softmax, torch.nn.Softmax):
+                dim, sm_dtype = softmax.dim, None
+            else:
+                return None
         if not isinstance(dim, int) or dim not in (-1, len(shape) - 1) or not (sm_dtype is None or sm_dtype == dtype):
             return None
         dropout_p = 0.0
