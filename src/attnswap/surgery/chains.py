@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _nn_module
 
 from ..routing import ROUTER_ATTR
-from .scores import _fits, _is_number, _is_plain_tensor, product_shape, route_scores
+from .scores import _fits, _is_number, _is_plain_tensor, product_facts, route_scores
 
 _BINOPS: dict[type, str] = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "truediv"}
 _OPS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "truediv": operator.truediv}
@@ -372,7 +372,7 @@ class FusedChain:
 
     __slots__ = (
         "spec", "bmm", "placed", "terms", "fast", "softmax_fn", "softmax_plain", "softmax_args", "softmax_torch_args",
-        "drops", "transposed", "consumer_bmm", "feeds", "dims",
+        "drops", "transposed", "consumer_bmm", "feeds", "dims", "check_dims",
     )
 
     def __init__(self, spec: tuple) -> None:
@@ -417,6 +417,7 @@ class FusedChain:
         self.fast = fast
         self.transposed = consumer[0] == "vpT"
         self.consumer_bmm, self.feeds, self.dims = consumer[1:]
+        self.check_dims = self.transposed and self.dims[0] == "transpose" and {self.dims[1], self.dims[2]} != {-2, -1}
 
     def __call__(self, module: torch.nn.Module, operands: tuple, v: Any) -> Any:
         router = module.__dict__.get(ROUTER_ATTR)
@@ -428,10 +429,10 @@ class FusedChain:
 
     def _fast(self, router: Any, operands: tuple, v: Any) -> torch.Tensor | None:
         a, b = operands[0], operands[1]
-        shape = product_shape(a, b, self.bmm)
-        if shape is None:
+        facts = product_facts(a, b, self.bmm)
+        if facts is None:
             return None
-        dtype, device = a.dtype, a.device
+        shape, dtype, device = facts
         scale = 1.0
         biases: list[torch.Tensor] = []
         for at, code in self.terms:
@@ -452,7 +453,9 @@ class FusedChain:
                 return None
         # functions compared by identity, never looked up in a dict (dynamo misjudges those)
         if self.softmax_fn is None:
-            dim, sm_dtype = _get(operands, self.softmax_args[0], None), _get(operands, self.softmax_args[1], None)
+            dim_at, dtype_at = self.softmax_args
+            dim = None if dim_at is None else operands[dim_at]
+            sm_dtype = None if dtype_at is None else operands[dtype_at]
         else:
             softmax = operands[self.softmax_fn]
             if softmax is F.softmax or softmax is torch.softmax:
@@ -480,15 +483,18 @@ class FusedChain:
                     return None  # dropout twice: the symbolic path settles
                 dropout_p = float(p)
         if not self.transposed:
-            return route_scores(router, a, b.transpose(-2, -1), None, scale, biases, shape, dropout_p, v)
+            return route_scores(router, a, b.transpose(-2, -1), None, scale, biases, shape, dropout_p, v, dtype, device)
         dims = self.dims
-        if dims[0] == "transpose":
+        if self.check_dims:  # transpose(1, 2): the last two dims only for 3-D scores
             nd = len(shape)
             if {dims[1] % nd, dims[2] % nd} != {nd - 2, nd - 1}:
                 return None
-        if not _is_plain_tensor(v):
+        kind = type(v)
+        if kind is not _Tensor and kind is not _Parameter:
             return None
-        out = route_scores(router, a, b.transpose(-2, -1), None, scale, biases, shape, dropout_p, v.transpose(-2, -1))
+        out = route_scores(
+            router, a, b.transpose(-2, -1), None, scale, biases, shape, dropout_p, v.transpose(-2, -1), dtype, device
+        )
         return None if out is None else out.transpose(-2, -1).contiguous()
 
     def _replay(self, module: torch.nn.Module, operands: tuple, v: Any) -> Any:

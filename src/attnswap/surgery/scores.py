@@ -499,17 +499,17 @@ class _ProbsSym:
 def _route_probs(router, probs: _ProbsSym, v: _Tensor) -> _Tensor | None:
     """``probs @ v`` through the router, or None when ``v`` does not fit."""
     s = probs.scores
-    return route_scores(router, s.q, s.k, s.q_mul, s.scale, s.biases, s.shape, probs.dropout_p, v)
+    return route_scores(router, s.q, s.k, s.q_mul, s.scale, s.biases, s.shape, probs.dropout_p, v, s.dtype, s.device)
 
 
 def route_scores(
     router, q: _Tensor, k: _Tensor, q_mul: _Tensor | None, scale: float, biases: list, shape: tuple, dropout_p: float,
-    v: Any,
+    v: Any, dtype: torch.dtype, device: torch.device,
 ) -> _Tensor | None:
-    """``softmax((q · q_mul) @ kᵀ · scale + Σ biases) @ v`` (scores shaped ``shape``, dropout
-    ``dropout_p``) as one router call; None when ``v`` does not fit."""
+    """``softmax((q · q_mul) @ kᵀ · scale + Σ biases) @ v`` (scores shaped ``shape``, of ``dtype``
+    on ``device``, dropout ``dropout_p``) as one router call; None when ``v`` does not fit."""
     kind = type(v)
-    if not ((kind is _Tensor or kind is torch.nn.Parameter) and v.dtype == q.dtype and v.device == q.device):
+    if not ((kind is _Tensor or kind is torch.nn.Parameter) and v.dtype == dtype and v.device == device):
         return None
     v_shape = v.shape
     lead = shape[:-2]
@@ -690,16 +690,17 @@ class Mix(Lazy):
 
 
 
-def product_shape(a: Any, b: Any, bmm: bool) -> tuple[int, ...] | None:
-    """The shape of ``a @ b`` (``torch.bmm`` when ``bmm``) when it may be attention scores
-    ``q @ kᵀ``: plain floating tensors of one dtype and device that multiply; else None."""
+def product_facts(a: Any, b: Any, bmm: bool) -> tuple[tuple[int, ...], torch.dtype, torch.device] | None:
+    """The shape, dtype and device of ``a @ b`` (``torch.bmm`` when ``bmm``) when it may be
+    attention scores ``q @ kᵀ``: plain floating tensors of one dtype and device that multiply;
+    else None."""
     if not (_is_plain_tensor(a) and _is_plain_tensor(b)):
         return None
     a_shape, b_shape = a.shape, b.shape  # each .shape builds a torch.Size: read once
-    dtype = a.dtype
+    dtype, device = a.dtype, a.device
     if (
         len(a_shape) < 2 or len(b_shape) < 2
-        or dtype != b.dtype or not dtype.is_floating_point or a.device != b.device
+        or dtype != b.dtype or not dtype.is_floating_point or device != b.device
         or a_shape[-1] != b_shape[-2]
     ):
         return None
@@ -708,15 +709,15 @@ def product_shape(a: Any, b: Any, bmm: bool) -> tuple[int, ...] | None:
         return None
     if bmm and (len(a_shape) != 3 or len(b_shape) != 3 or a_shape[0] != b_shape[0]):
         return None
-    return (*lead, a_shape[-2], b_shape[-1])
+    return (*lead, a_shape[-2], b_shape[-1]), dtype, device
 
 
 def scores_or_product(router: Any, a: Any, b: Any, op: Callable = operator.matmul) -> Any:
     """``a @ b`` as the module wrote it, or a :class:`Scores` when it may be ``q @ kᵀ``."""
-    shape = None if router is None else product_shape(a, b, op is torch.bmm)
-    if shape is None:
+    facts = None if router is None else product_facts(a, b, op is torch.bmm)
+    if facts is None:
         return op(a, b)
-    return Scores(router, (op, (a, b), {}), _ScoresSym(a, b.transpose(-2, -1), shape))
+    return Scores(router, (op, (a, b), {}), _ScoresSym(a, b.transpose(-2, -1), facts[0]))
 
 
 def _einsum_specs(equation: Any, operands: tuple) -> tuple[list[str], str] | None:
