@@ -386,3 +386,37 @@ def test_an_argument_given_twice_raises_the_modules_own_error():
     assert fused_chains(m) and not fused_chains(m)[0].fast
     with pytest.raises(TypeError):
         m(*_args())
+
+
+class _WritesQInPlace(nn.Module):
+    def bias(self, q):
+        q.mul_(2.0)  # between the scores product and @ v
+        return torch.zeros((), dtype=q.dtype)
+
+    def forward(self, q, k, v):
+        attn = q @ k.transpose(-2, -1)
+        attn = attn + self.bias(q)
+        attn = attn.softmax(-1)
+        return attn @ v
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "symbolic"])
+def test_q_written_in_place_before_the_router_call_is_never_silently_used(fuse, monkeypatch):
+    """The product q @ kᵀ is deferred (symbolic and fused alike): a write into q before it is
+    consumed would change what the router computes, so it is refused, loudly."""
+    q, k, v = rand(2, 5, 4), rand(2, 5, 4), rand(2, 5, 4)
+    ref = _WritesQInPlace()(q.clone(), k, v)
+    monkeypatch.setattr(manual, "FUSE_CHAINS", fuse)
+    monkeypatch.setattr(reroute, "_cache", reroute._ClassCache(reroute.CLASS_CACHE_SIZE))
+    monkeypatch.setattr(reroute, "_generated", reroute._ClassCache(reroute.CLASS_CACHE_SIZE))
+    m = _WritesQInPlace()
+    attnswap.patch(m, backend="eager")
+    assert bool(fused_chains(m)) == fuse
+    with pytest.raises(attnswap.AttnSwapError, match="in place between q @ kᵀ"):
+        m(q.clone(), k, v)
+    # without the write, the same module routes and is exact
+    m.bias = lambda q: torch.zeros((), dtype=q.dtype)
+    plain = _WritesQInPlace()
+    plain.bias = m.bias
+    torch.testing.assert_close(m(q, k, v), plain(q, k, v), rtol=1e-12, atol=1e-12)
+    assert attnswap.stats(m).total_calls == 1

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _nn_module
 
 from ..routing import ROUTER_ATTR
-from .scores import _fits, _is_number, _is_plain_tensor, product_facts, route_scores
+from .scores import _fits, _is_number, _is_plain_tensor, check_unwritten, product_facts, route_scores, versions_of
 
 _BINOPS: dict[type, str] = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "truediv"}
 _OPS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "truediv": operator.truediv}
@@ -266,10 +266,11 @@ def _blocks(stmts: list[ast.stmt]):
             yield from _blocks(handler.body)
 
 
-def fuse_chains(products: Any, funcdef: ast.FunctionDef, self_arg: str) -> dict[str, FusedChain]:
+def fuse_chains(products: Any, funcdef: ast.FunctionDef, self_arg: str) -> dict[str, Any]:
     """Rewrites ``funcdef`` in place: each chain (see the module docstring) becomes its operands'
     tuple and one call of a :class:`FusedChain`. ``products`` is the data-flow pass already run
-    on it. Returns the chains by the names the rewritten code calls them by (closure cells).
+    on it. Returns the chains (and :func:`_pin`) by the names the rewritten code calls them by
+    (closure cells).
 
     A name is fused only when every use of it in the function is inside its chains (LeViT
     writes one chain per branch of an ``if``, on one name): each chain then starts by assigning
@@ -290,13 +291,21 @@ def fuse_chains(products: Any, funcdef: ast.FunctionDef, self_arg: str) -> dict[
     for _, _, (chain, *_rest) in found:
         mentions[chain.name] = mentions.get(chain.name, 0) + chain.mentions
     fused = [f for f in found if finder.uses.get(f[2][0].name, 0) == mentions[f[2][0].name]]
-    chains: dict[str, FusedChain] = {}
+    chains: dict[str, Any] = {PIN_HELPER: _pin} if fused else {}
     # later chains of a block first, so the earlier ones' indices still hold
     for number, (block, start, (chain, end, product, v)) in reversed(list(enumerate(fused))):
         temp, name = f"__attnswap_chain{number}__", f"__attnswap_fused{number}__"
         chains[name] = FusedChain((chain.bmm, tuple(chain.ops), chain.consumer))
+        # q and k with their version counters read right after them (see _pin)
+        pinned = ast.Starred(
+            value=ast.Call(func=ast.Name(id=PIN_HELPER, ctx=ast.Load()), args=chain.operands[:2], keywords=[]),
+            ctx=ast.Load(),
+        )
         hold = ast.copy_location(
-            ast.Assign(targets=[ast.Name(id=temp, ctx=ast.Store())], value=ast.Tuple(elts=chain.operands, ctx=ast.Load())),
+            ast.Assign(
+                targets=[ast.Name(id=temp, ctx=ast.Store())],
+                value=ast.Tuple(elts=[pinned, *chain.operands[2:]], ctx=ast.Load()),
+            ),
             block[start],
         )
         call = ast.Call(
@@ -310,6 +319,15 @@ def fuse_chains(products: Any, funcdef: ast.FunctionDef, self_arg: str) -> dict[
 
 
 # -- running a chain (call time) -----------------------------------------------------------
+PIN_HELPER = "__attnswap_pin__"
+
+
+def _pin(a: Any, b: Any) -> tuple[Any, Any, tuple[int, int] | None]:
+    """``a``, ``b`` and their version counters as the module computed ``a @ b``: the fused call
+    takes the product later, after the chain's other operands were evaluated."""
+    return a, b, versions_of(a, b)
+
+
 _global_hooks = (
     _nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks,
     _nn_module._global_backward_hooks, _nn_module._global_backward_pre_hooks,
@@ -380,7 +398,7 @@ class FusedChain:
         self.bmm, ops, consumer = spec
         #: each op with the index of its first operand
         self.placed: list[tuple[tuple, int]] = []
-        i = 2
+        i = 3  # after q, k and their versions (_pin)
         for op in ops:
             self.placed.append((op, i))
             i += _operand_count(op)
@@ -421,6 +439,7 @@ class FusedChain:
 
     def __call__(self, module: torch.nn.Module, operands: tuple, v: Any) -> Any:
         router = module.__dict__.get(ROUTER_ATTR)
+        check_unwritten(router, operands[0], operands[1], operands[2])
         if router is not None and self.fast:
             out = self._fast(router, operands, v)
             if out is not None:

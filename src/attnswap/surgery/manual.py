@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 
 from ..routing import ROUTER_ATTR
-from .chains import fuse_chains
+from .chains import FusedChain, fuse_chains
 from .scores import Lazy, additive, einsum_scores, scores_or_product
 from .source import Missing, compile_like, local_names, parse_method, resolve, self_name
 
@@ -411,4 +411,4 @@ def defer_products(
         cells.update(fused)
     rewriter = _Rewriter(products, rewrite, is_forward=settle_returns)
     rewriter.visit(funcdef)
-    return rewriter.count + len(fused)
+    return rewriter.count + sum(isinstance(c, FusedChain) for c in fused.values())

@@ -141,6 +141,27 @@ def _unview_bias(bias: _Tensor, viewed: tuple[int, ...], base: tuple[int, ...]) 
     return bias.expand(expand_sizes).reshape(out_shape)
 
 
+def versions_of(q: Any, k: Any) -> tuple[int, int] | None:
+    """The version counters of ``q`` and ``k`` (None while compiling: a graph orders its own writes)."""
+    if torch.compiler.is_compiling() or not (isinstance(q, _Tensor) and isinstance(k, _Tensor)):
+        return None
+    return q._version, k._version
+
+
+def check_unwritten(router: Any, q: _Tensor, k: _Tensor, versions: tuple[int, int] | None) -> None:
+    """Raise when ``q`` or ``k`` was written in place since ``versions`` were read: the product
+    ``q @ kᵀ`` was deferred, so what the module computed from the old values is gone."""
+    if versions is not None and (q._version, k._version) != versions:
+        from ..errors import AttnSwapError
+
+        site = getattr(router, "site", "") or "<root>"
+        raise AttnSwapError(
+            f"site {site}: the module wrote q or k of its hand-written attention in place between q @ kᵀ and the "
+            "product with v; attnswap defers q @ kᵀ, so it cannot compute what the module computes. Leave this "
+            "module out with patch(..., exclude=[...]), and please report the model"
+        )
+
+
 class Lazy:
     """A value the module's code holds in place of a tensor: replayable, maybe symbolic."""
 
@@ -157,6 +178,9 @@ class Lazy:
     def settle(self, why: str | None = None) -> _Tensor:
         """The tensor the module's own code computes here (replayed once, then cached)."""
         if self._value is None:
+            sym = self.sym
+            if type(sym) is _ScoresSym:
+                check_unwritten(self.router, sym.q, sym.k, sym.versions)
             if why is not None and self.router is not None:
                 self.router.note_settled(why)
             fn, args, kwargs = self._replay
@@ -308,10 +332,12 @@ class Lazy:
 class _ScoresSym:
     """``(q · q_mul) @ kᵀ · scale + Σ biases``, shaped ``shape``; maybe under a temporary view."""
 
-    __slots__ = ("q", "k", "scale", "q_mul", "biases", "shape", "dtype", "device", "viewed", "viewed_biases")
+    __slots__ = ("q", "k", "scale", "q_mul", "biases", "shape", "dtype", "device", "viewed", "viewed_biases", "versions")
 
     def __init__(self, q, k, shape):
         self.q, self.k = q, k
+        #: q's and k's version counters when the product was taken (views share their base's)
+        self.versions = versions_of(q, k)
         self.scale = 1.0
         self.q_mul: _Tensor | None = None
         self.biases: list[_Tensor] = []
@@ -327,6 +353,7 @@ class _ScoresSym:
         new.q, new.k, new.scale, new.q_mul = self.q, self.k, self.scale, self.q_mul
         new.biases, new.shape, new.dtype, new.device = list(self.biases), self.shape, self.dtype, self.device
         new.viewed, new.viewed_biases = self.viewed, list(self.viewed_biases)
+        new.versions = self.versions
         return new
 
     @property
@@ -499,6 +526,7 @@ class _ProbsSym:
 def _route_probs(router, probs: _ProbsSym, v: _Tensor) -> _Tensor | None:
     """``probs @ v`` through the router, or None when ``v`` does not fit."""
     s = probs.scores
+    check_unwritten(router, s.q, s.k, s.versions)
     return route_scores(router, s.q, s.k, s.q_mul, s.scale, s.biases, s.shape, probs.dropout_p, v, s.dtype, s.device)
 
 
