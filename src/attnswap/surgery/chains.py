@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _nn_module
 
 from ..routing import ROUTER_ATTR
-from .scores import _fits, _is_number, _is_plain_tensor, check_unwritten, product_facts, route_scores, versions_of
+from .scores import _fits, _is_number, check_unwritten, product_facts, route_scores, versions_of
 
 _BINOPS: dict[type, str] = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "truediv"}
 _OPS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "truediv": operator.truediv}
@@ -389,12 +389,11 @@ class FusedChain:
     routes through these operations, with the same arguments (tests/surgery/test_chains.py)."""
 
     __slots__ = (
-        "spec", "bmm", "placed", "terms", "fast", "softmax_fn", "softmax_plain", "softmax_args", "softmax_torch_args",
+        "bmm", "placed", "terms", "fast", "softmax_fn", "softmax_plain", "softmax_args", "softmax_torch_args",
         "drops", "transposed", "consumer_bmm", "feeds", "dims", "check_dims",
     )
 
     def __init__(self, spec: tuple) -> None:
-        self.spec = spec
         self.bmm, ops, consumer = spec
         #: each op with the index of its first operand
         self.placed: list[tuple[tuple, int]] = []
@@ -473,8 +472,7 @@ class FusedChain:
         # functions compared by identity, never looked up in a dict (dynamo misjudges those)
         if self.softmax_fn is None:
             dim_at, dtype_at = self.softmax_args
-            dim = None if dim_at is None else operands[dim_at]
-            sm_dtype = None if dtype_at is None else operands[dtype_at]
+            dim, sm_dtype = _get(operands, dim_at, None), _get(operands, dtype_at, None)
         else:
             softmax = operands[self.softmax_fn]
             if softmax is F.softmax or softmax is torch.softmax:
