@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _nn_module
 
 from ..routing import ROUTER_ATTR
-from .scores import _fits, _is_number, check_unwritten, product_facts, route_scores, versions_of
+from ..call import broadcast
+from .scores import _fits, _is_number, check_unwritten, wrong_output_shape
 
 _BINOPS: dict[type, str] = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "truediv"}
 _OPS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "truediv": operator.truediv}
@@ -325,7 +326,10 @@ PIN_HELPER = "__attnswap_pin__"
 def _pin(a: Any, b: Any) -> tuple[Any, Any, tuple[int, int] | None]:
     """``a``, ``b`` and their version counters as the module computed ``a @ b``: the fused call
     takes the product later, after the chain's other operands were evaluated."""
-    return a, b, versions_of(a, b)
+    # versions_of(), inlined (a frame less at every call)
+    if _is_compiling() or not (isinstance(a, _Tensor) and isinstance(b, _Tensor)):
+        return a, b, None
+    return a, b, (a._version, b._version)
 
 
 _global_hooks = (
@@ -333,6 +337,7 @@ _global_hooks = (
     _nn_module._global_backward_hooks, _nn_module._global_backward_pre_hooks,
 )
 _tracing_state = torch._C._get_tracing_state
+_is_compiling = torch.compiler.is_compiling
 _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
 
@@ -438,29 +443,46 @@ class FusedChain:
 
     def __call__(self, module: torch.nn.Module, operands: tuple, v: Any) -> Any:
         router = module.__dict__.get(ROUTER_ATTR)
-        check_unwritten(router, operands[0], operands[1], operands[2])
+        a, b, versions = operands[0], operands[1], operands[2]
+        if versions is not None and (a._version, b._version) != versions:
+            check_unwritten(router, a, b, versions)
         if router is not None and self.fast:
-            out = self._fast(router, operands, v)
+            out = self._fast(router, a, b, operands, v)
             if out is not None:
                 return out
         return self._replay(module, operands, v)
 
-    def _fast(self, router: Any, operands: tuple, v: Any) -> torch.Tensor | None:
-        a, b = operands[0], operands[1]
-        facts = product_facts(a, b, self.bmm)
-        if facts is None:
+    def _fast(self, router: Any, a: Any, b: Any, operands: tuple, v: Any) -> torch.Tensor | None:
+        # product_facts(), inlined: in a model every Python frame and attribute read here runs
+        # with cold caches, at every call
+        kind_a, kind_b = type(a), type(b)
+        if not ((kind_a is _Tensor or kind_a is _Parameter) and (kind_b is _Tensor or kind_b is _Parameter)):
             return None
-        shape, dtype, device = facts
+        a_shape, b_shape = a.shape, b.shape
+        dtype, device = a.dtype, a.device
+        if (
+            len(a_shape) < 2 or len(b_shape) < 2 or b.dtype is not dtype or not dtype.is_floating_point
+            or b.device != device or a_shape[-1] != b_shape[-2]
+        ):
+            return None
+        lead = a_shape[:-2]
+        if b_shape[:-2] != lead:
+            lead = broadcast(lead, b_shape[:-2])
+            if lead is None:
+                return None
+        if self.bmm and (len(a_shape) != 3 or len(b_shape) != 3 or a_shape[0] != b_shape[0]):
+            return None
+        shape = (*lead, a_shape[-2], b_shape[-1])
         scale = 1.0
         biases: list[torch.Tensor] = []
         for at, code in self.terms:
             other = operands[at]
             if code <= _SUB:
                 kind = type(other)
-                if not (
-                    (kind is _Tensor or kind is _Parameter) and other.dtype == dtype and other.device == device
-                    and _fits(shape, other)
-                ):
+                if not ((kind is _Tensor or kind is _Parameter) and other.dtype is dtype and other.device == device):
+                    return None
+                other_shape = other.shape  # the usual bias, the scores' trailing dims, checked here
+                if other_shape != shape[len(shape) - len(other_shape):] and not _fits(shape, other):
                     return None
                 biases.append(other if code == _ADD else -other)
             elif code != _OTHER and _is_number(other):
@@ -499,20 +521,39 @@ class FusedChain:
                 if dropout_p:
                     return None  # dropout twice: the symbolic path settles
                 dropout_p = float(p)
-        if not self.transposed:
-            return route_scores(router, a, b.transpose(-2, -1), None, scale, biases, shape, dropout_p, v, dtype, device)
-        dims = self.dims
-        if self.check_dims:  # transpose(1, 2): the last two dims only for 3-D scores
-            nd = len(shape)
-            if {dims[1] % nd, dims[2] % nd} != {nd - 2, nd - 1}:
-                return None
+        # route_scores(), inlined for the same reason (tests compare the two paths' router calls)
         kind = type(v)
         if kind is not _Tensor and kind is not _Parameter:
             return None
-        out = route_scores(
-            router, a, b.transpose(-2, -1), None, scale, biases, shape, dropout_p, v.transpose(-2, -1), dtype, device
-        )
-        return None if out is None else out.transpose(-2, -1).contiguous()
+        if self.transposed:
+            dims = self.dims
+            if self.check_dims:  # transpose(1, 2): the last two dims only for 3-D scores
+                nd = len(shape)
+                if {dims[1] % nd, dims[2] % nd} != {nd - 2, nd - 1}:
+                    return None
+            v = v.transpose(-2, -1)
+        if v.dtype is not dtype or v.device != device:
+            return None
+        v_shape = v.shape
+        lead = shape[:-2]
+        if len(v_shape) < 2 or v_shape[-2] != shape[-1]:
+            return None
+        v_lead = v_shape[:-2]
+        if v_lead != lead and (
+            len(v_lead) > len(lead) or any(b != 1 and b != a for a, b in zip(reversed(lead), reversed(v_lead)))
+        ):
+            return None  # v would enlarge the batch dims: the product broadcasts, attention does not
+        q = a if a_shape[:-2] == lead else a.expand(*lead, *a_shape[-2:])
+        bias = None
+        for term in biases:
+            bias = term if bias is None else bias + term
+        out = router.route(q, b.transpose(-2, -1), v, bias, dropout_p, False, scale)
+        out_shape = out.shape
+        if out_shape[:-2] != lead or out_shape[-2] != shape[-2] or out_shape[-1] != v_shape[-1]:
+            raise wrong_output_shape(router, out_shape, (*lead, shape[-2], v_shape[-1]))
+        if self.transposed:
+            return out.transpose(-2, -1).contiguous()
+        return out if out.is_contiguous() else out.contiguous()
 
     def _replay(self, module: torch.nn.Module, operands: tuple, v: Any) -> Any:
         """The chain as the module wrote it, through the symbolic scores (what the unfused rewrite runs)."""

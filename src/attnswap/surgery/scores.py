@@ -559,13 +559,18 @@ def route_scores(
         out = out.contiguous()
     out_shape = out.shape
     if out_shape[:-2] != lead or out_shape[-2] != shape[-2] or out_shape[-1] != v_shape[-1]:
-        from ..errors import AttnSwapError
-
-        raise AttnSwapError(
-            f"attnswap routed a hand-written attention at site {router.site or '<root>'} and got shape "
-            f"{tuple(out_shape)}, expected {(*lead, shape[-2], v_shape[-1])}; please report this with the model name"
-        )
+        raise wrong_output_shape(router, out_shape, (*lead, shape[-2], v_shape[-1]))
     return out
+
+
+def wrong_output_shape(router: Any, got: tuple[int, ...], expected: tuple[int, ...]) -> Exception:
+    """The error for a routed hand-written attention whose output is not shaped as the module's product."""
+    from ..errors import AttnSwapError
+
+    return AttnSwapError(
+        f"attnswap routed a hand-written attention at site {router.site or '<root>'} and got shape "
+        f"{tuple(got)}, expected {tuple(expected)}; please report this with the model name"
+    )
 
 
 class Probs(Lazy):
