@@ -259,6 +259,8 @@ class Router:
         self.saved_flags: dict[str, tuple[bool, Any]] = {}
         #: forward hooks patching added, for unpatch
         self.hook_ids: list[int] = []
+        #: the model library whose own extension point reaches this site (attnswap.integrations), or None
+        self.integration: str | None = None
         self._tallies: dict[tuple, Tally] = {}
         #: hand-written attention the module computed itself, by why (see surgery.scores)
         self.unrouted: dict[str, int] = {}
@@ -288,6 +290,7 @@ class Router:
             "site_class": self.site_class,
             "saved_flags": self.saved_flags,
             "hook_ids": self.hook_ids,
+            "integration": self.integration,
             "tallies": list(self._tallies.values()),
             "unrouted": dict(self.unrouted),
             "tuning_seconds": self.tuning_seconds,
@@ -299,6 +302,11 @@ class Router:
         self.site_class = state["site_class"]
         self.saved_flags = state["saved_flags"]
         self.hook_ids = list(state.get("hook_ids", []))
+        self.integration = state.get("integration")
+        if self.integration is not None:  # a copy or an unpickled model: the library must know attnswap's key
+            from . import integrations
+
+            integrations.reattach(self.integration)
         self._tallies = {(t.backend, t.tried, t.cast, t.structure): t for t in state["tallies"]}
         self.unrouted = dict(state.get("unrouted", {}))
         self.tuning_seconds = state.get("tuning_seconds", 0.0)

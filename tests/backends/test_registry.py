@@ -115,7 +115,7 @@ def test_import_is_lazy_about_optional_packages():
 
     code = (
         "import sys, attnswap;"
-        "bad = [m for m in ('flash_attn', 'xformers', 'sageattention', 'flash_attn_interface', 'triton') if m in sys.modules];"
+        "bad = [m for m in ('flash_attn', 'xformers', 'sageattention', 'flash_attn_interface', 'triton', 'transformers', 'diffusers', 'attnswap.integrations.hf_transformers') if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -8,6 +8,7 @@ from typing import Iterator, Sequence, Union
 
 import torch
 
+from .. import integrations
 from ..errors import AttnSwapError
 from .manual import class_label
 from .mha import is_plain_mha
@@ -88,7 +89,9 @@ def candidates(
             continue
         if exc is not None and _matches(path, cls, exc):
             continue
-        rewrite = analyze(cls)
+        rewrite = integrations.site_for(module, cls)
+        if rewrite is None:
+            rewrite = analyze(cls)
         if rewrite is not None:
             yield Candidate(path, module, cls, rewrite)
         elif _computes_softmax(cls):

@@ -177,6 +177,24 @@ def _make_copy(fn: types.FunctionType, depth: int) -> HelperCopy | str | None:
     )
 
 
+def routed_function(fn: types.FunctionType, module_param: str) -> tuple[Callable, int]:
+    """A copy of ``fn`` whose SDPA calls go to the router of the module it receives as
+    ``module_param`` (plain SDPA when that module has none), and how many calls it routes.
+
+    For functions a library calls with the module as an argument (transformers' attention
+    implementations take ``module`` first). The original function is untouched."""
+    from . import reroute
+
+    funcdef = parse_method(fn, is_method=False)
+    sdpa = reroute._Rewriter(fn, module_param, local_names(funcdef))
+    funcdef = sdpa.visit(funcdef)
+    if sdpa.stray:
+        raise NotRewritable(f"{fn.__qualname__} uses {sdpa.stray[0]} other than by calling it")
+    if not sdpa.calls:
+        raise NotRewritable(f"{fn.__qualname__} calls no scaled_dot_product_attention")
+    return compile_like(fn, funcdef, {reroute.UNROUTED_NAME: reroute.UNROUTED, **sdpa.builders}), sdpa.calls
+
+
 def _fx_leaf(copy: Callable) -> Callable:
     """``copy``, recorded as one graph node while torch.fx traces (see the module docstring)."""
     proxy = torch.fx.Proxy

@@ -62,9 +62,16 @@ class ClassRewrite:
     structures: tuple[str, ...] = ()
     #: module-level helpers the class's methods call and that now reach its router (see :mod:`.helpers`)
     helpers: tuple[str, ...] = ()
+    #: reached through a model library's own extension point (a name in :mod:`attnswap.integrations`):
+    #: the class is not swapped, the library calls the router
+    integration: str | None = None
+    #: how an integration reaches the site, for the report
+    integration_how: str = ""
 
     @property
     def how(self) -> str:
+        if self.integration is not None:
+            return self.integration_how
         if self.mha:
             return "nn.MultiheadAttention"
         parts = []
@@ -79,7 +86,7 @@ class ClassRewrite:
 
     @property
     def routable(self) -> bool:
-        return self.problem is None and bool(self.methods)
+        return self.problem is None and (bool(self.methods) or self.integration is not None)
 
     @property
     def builds_only(self) -> bool:

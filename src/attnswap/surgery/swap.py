@@ -67,6 +67,12 @@ def install(module: torch.nn.Module, rewrite: ClassRewrite, router: Router) -> N
         else:
             router.hook_ids = [module.register_forward_pre_hook(mha.disable_fast_paths).id]
     module.__dict__[ROUTER_ATTR] = router
+    if rewrite.integration is not None:
+        from .. import integrations
+
+        router.integration = rewrite.integration
+        integrations.attach(rewrite.integration, module)
+        return
     module.__class__ = patched_class(rewrite)
 
 
@@ -76,6 +82,10 @@ def uninstall(module: torch.nn.Module) -> Router:
     if router is None:
         raise PatchError(f"{type(module).__qualname__} is not patched")
     module.__class__ = original_class(module)
+    if router.integration is not None:
+        from .. import integrations
+
+        integrations.detach(router.integration, module)
     for hook_id in router.hook_ids:
         module._forward_pre_hooks.pop(hook_id, None)
     for flag, (was_set, value) in router.saved_flags.items():
