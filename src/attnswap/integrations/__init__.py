@@ -18,7 +18,7 @@ import torch
 from ..surgery.reroute import ClassRewrite
 
 #: top-level package of a module's class -> the integration module that knows it
-_BY_PACKAGE: dict[str, str] = {"transformers": "hf_transformers"}
+_BY_PACKAGE: dict[str, str] = {"transformers": "hf_transformers", "diffusers": "hf_diffusers"}
 
 
 def _load(name: str) -> ModuleType:

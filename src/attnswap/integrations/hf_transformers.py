@@ -211,8 +211,22 @@ def attach(module: torch.nn.Module) -> None:
         if entry is None or entry[0]() is not config:
             entry = (weakref.ref(config), weakref.WeakSet())
             _switched[id(config)] = entry
-        entry[1].add(module)
+        if module not in entry[1]:
+            entry[1].add(module)
+            # a patched model dropped without unpatching gives a shared config back when it is collected
+            weakref.finalize(module, _restore_if_unused, id(config))
         config._attn_implementation_internal = KEY
+
+
+def _restore_if_unused(config_id: int) -> None:
+    with _lock:
+        entry = _switched.get(config_id)
+        if entry is None or any(True for _ in entry[1]):  # (iterating skips collected modules)
+            return
+        del _switched[config_id]
+        config = entry[0]()
+        if config is not None and config._attn_implementation_internal == KEY:
+            config._attn_implementation_internal = SDPA
 
 
 def detach(module: torch.nn.Module) -> None:
@@ -221,8 +235,6 @@ def detach(module: torch.nn.Module) -> None:
         entry = _switched.get(id(config))
         if entry is not None and entry[0]() is config:
             entry[1].discard(module)
-            if len(entry[1]):
-                return  # another patched module reads this config
-            del _switched[id(config)]
-        if config._attn_implementation_internal == KEY:
+            _restore_if_unused(id(config))
+        elif config._attn_implementation_internal == KEY:  # a copied or unpickled model's own config
             config._attn_implementation_internal = SDPA

@@ -71,6 +71,8 @@ def install(module: torch.nn.Module, rewrite: ClassRewrite, router: Router) -> N
         from .. import integrations
 
         router.integration = rewrite.integration
+        if previous is not None:  # switching backends: the hooks the integration added stay, once
+            router.hook_ids = previous.hook_ids
         integrations.attach(rewrite.integration, module)
         return
     module.__class__ = patched_class(rewrite)

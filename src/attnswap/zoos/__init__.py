@@ -1,7 +1,7 @@
 """Model libraries the coverage sweep knows how to enumerate, build and feed.
 
 Each library's knowledge lives in its own module, imported only when its sweep runs:
-:mod:`.timm_models`, :mod:`.torchvision_models`.
+:mod:`.timm_models`, :mod:`.torchvision_models`, :mod:`.transformers_models`.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ class Zoo:
     names: Callable[[Sequence[str]], list[str]]
     #: the model with random weights; ``meta=True``: without memory where the library allows it
     build: Callable[..., torch.nn.Module]
-    #: one example input for the model (float32, batch 1)
-    example: Callable[[torch.nn.Module, str], torch.Tensor]
+    #: one example input for the model (float32): a tensor, or a dict of keyword inputs
+    example: Callable[[torch.nn.Module, str], "torch.Tensor | dict[str, torch.Tensor]"]
     #: what the sweep compares: features where the library has them (heads may be zero-initialized)
     outputs: Callable[[torch.nn.Module, torch.Tensor], object]
     version: Callable[[], str]
 
 
-_MODULES = {"timm": "timm_models", "torchvision": "torchvision_models"}
+_MODULES = {"timm": "timm_models", "torchvision": "torchvision_models", "transformers": "transformers_models"}
 
 
 def names() -> list[str]:

@@ -1,0 +1,125 @@
+"""transformers, for the coverage sweep: every model type ``AutoModel`` knows, built from a small
+config with random weights (nothing is downloaded).
+
+A model type's default config is shrunk by setting the size attributes it has (hidden size,
+layers, heads, key/value heads for GQA, vocabulary, image size, ...) to small values, in its
+sub-configs too; a type whose config does not take them, or whose model cannot be built or run
+from that, is reported as an error by the sweep. Inputs follow the model's ``main_input_name``:
+token ids with a padded first sequence (so masks reach the kernel), pixels, or audio features.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from typing import Any, Sequence
+
+import torch
+
+from . import Zoo
+
+#: the small sizes set on every config (and sub-config) that has the attribute
+TINY: dict[str, Any] = {
+    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "intermediate_size": 37, "head_dim": 8, "vocab_size": 99, "max_position_embeddings": 64,
+    "d_model": 32, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 37, "decoder_ffn_dim": 37, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4,
+    "d_kv": 8, "d_ff": 37, "ffn_dim": 37, "embed_dim": 32, "n_embd": 32, "n_layer": 2, "n_head": 4,
+    "image_size": 32, "patch_size": 8, "num_mel_bins": 8, "max_source_positions": 16,
+    # mixture-of-experts and latent-attention sizes
+    "moe_intermediate_size": 16, "num_experts": 4, "num_local_experts": 4, "num_experts_per_tok": 2,
+    "first_k_dense_replace": 0, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8,
+}
+_SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "encoder_config", "decoder_config")
+_VOCAB = 99
+
+
+def model_names(patterns: Sequence[str] = ()) -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    names = sorted(MODEL_MAPPING_NAMES)
+    if patterns:
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    return names
+
+
+def _set(config: Any, key: str, value: Any) -> None:
+    try:
+        setattr(config, key, value)
+    except (AttributeError, TypeError, ValueError):  # a read-only or validated attribute: keep it
+        pass
+
+
+def _shrink(config: Any) -> Any:
+    for key, value in TINY.items():
+        if hasattr(config, key) and not isinstance(getattr(config, key), (list, dict)):
+            _set(config, key, value)
+    # special tokens of the full vocabulary would not fit the small one
+    for key, value in list(vars(config).items()):
+        if key.endswith("_token_id") and isinstance(value, int) and value >= _VOCAB:
+            _set(config, key, 1)
+        elif key.endswith(("_tokens", "_token_ids")) and isinstance(value, list) and value and isinstance(value[0], int):
+            _set(config, key, [t for t in value if t < _VOCAB])
+    return config
+
+
+def config_for(name: str) -> Any:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = _shrink(CONFIG_MAPPING[name]())
+    for sub in _SUB_CONFIGS:
+        inner = getattr(config, sub, None)
+        if inner is not None and hasattr(inner, "to_dict"):
+            _shrink(inner)
+    return config
+
+
+def build(name: str, *, meta: bool = False) -> torch.nn.Module:
+    from transformers import AutoModel
+
+    # small enough to build for real: a meta build would skip the config checks __init__ makes
+    return AutoModel.from_config(config_for(name))
+
+
+def example(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    main = getattr(model, "main_input_name", "input_ids")
+    params = inspect.signature(model.forward).parameters
+    if main == "input_ids":
+        ids = torch.randint(3, _VOCAB, (2, 8), generator=g)
+        x = {"input_ids": ids}
+        if "attention_mask" in params:
+            mask = torch.ones_like(ids)
+            mask[0, -3:] = 0  # a padded first sequence: the mask has to reach the kernel
+            x["attention_mask"] = mask
+        if "decoder_input_ids" in params:
+            x["decoder_input_ids"] = torch.randint(3, _VOCAB, (2, 5), generator=g)
+        return x
+    if main == "pixel_values":
+        config = model.config
+        size = getattr(config, "image_size", 32)
+        size = size if isinstance(size, int) else size[0]
+        return {"pixel_values": torch.randn(2, getattr(config, "num_channels", 3), size, size, generator=g)}
+    if main == "input_features":  # log-mel frames, as many as the encoder's positions take
+        config = model.config
+        frames = 2 * getattr(config, "max_source_positions", 16)
+        x = {"input_features": torch.randn(2, getattr(config, "num_mel_bins", 8), frames, generator=g)}
+        if "decoder_input_ids" in params:
+            x["decoder_input_ids"] = torch.randint(3, _VOCAB, (2, 5), generator=g)
+        return x
+    if main == "input_values":  # raw audio
+        return {"input_values": torch.randn(2, 1600, generator=g)}
+    raise NotImplementedError(f"the sweep does not build {main!r} inputs for {name}")
+
+
+def outputs(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> object:
+    return model(**x)
+
+
+def version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+ZOO = Zoo("transformers", model_names, build, example, outputs, version)
