@@ -292,26 +292,29 @@ def stats(model: torch.nn.Module, *, reset: bool = False) -> ModelStats:
         router = router_of(module)
         if router is None:
             continue
-        calls: dict[str, int] = {}
-        traced: dict[str, int] = {}
-        fallbacks = []
-        structures: dict[tuple[str, str, str], int] = {}
-        for t in router.tallies():
-            if t.calls:
-                calls[t.label] = calls.get(t.label, 0) + t.calls
-                if t.structure is not None:
-                    key = (t.structure[0], t.label, t.structure[1])
-                    structures[key] = structures.get(key, 0) + t.calls
-            if t.traced:
-                traced[t.label] = traced.get(t.label, 0) + t.traced
-            if t.is_fallback and (t.calls or t.traced):
-                fallbacks.append(Fallback(t.label, {name: tuple(r) for name, r in t.tried}, t.calls, t.traced))
-        out.append(
-            SiteStats(
-                path, router.site_class, router.policy.backend, calls, tuple(fallbacks), traced, dict(router.unrouted),
-                router.tuning_seconds, structures,
-            )
-        )
+        out.append(site_stats(path, router))
         if reset:
             router.reset_stats()
     return out
+
+
+def site_stats(path: str, router: Router) -> SiteStats:
+    """One site's counts, as :func:`stats` lists them."""
+    calls: dict[str, int] = {}
+    traced: dict[str, int] = {}
+    fallbacks = []
+    structures: dict[tuple[str, str, str], int] = {}
+    for t in router.tallies():
+        if t.calls:
+            calls[t.label] = calls.get(t.label, 0) + t.calls
+            if t.structure is not None:
+                key = (t.structure[0], t.label, t.structure[1])
+                structures[key] = structures.get(key, 0) + t.calls
+        if t.traced:
+            traced[t.label] = traced.get(t.label, 0) + t.traced
+        if t.is_fallback and (t.calls or t.traced):
+            fallbacks.append(Fallback(t.label, {name: tuple(r) for name, r in t.tried}, t.calls, t.traced))
+    return SiteStats(
+        path, router.site_class, router.policy.backend, calls, tuple(fallbacks), traced, dict(router.unrouted),
+        router.tuning_seconds, structures,
+    )

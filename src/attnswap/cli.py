@@ -8,6 +8,7 @@
     attnswap verify MODEL --backend X [--tolerance T] [--dtype D] [--json]
     attnswap coverage [GLOB ...] [--out COVERAGE.md] [--json FILE] [--no-numerics] [--max-params 100]
     attnswap fuzz [BACKEND ...] [--calls 1000] [--specs K] [--dtypes float32,float64] [--seed S] [--json FILE]
+    attnswap run [--backend B] [--fallback B,...] [--strict] [--exclude GLOB ...] [-m] SCRIPT|MODULE [ARGS ...]
 
 ``bench`` is the main job: it builds a timm model locally (no weights are downloaded),
 patches it with each backend in turn, and shows which backend served every call (fallbacks
@@ -274,7 +275,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the reports as JSON here")
     p.set_defaults(func=cmd_fuzz)
+    p = sub.add_parser(
+        "run", help="run a script unmodified, every model it calls patched with a backend; per-site counts at the end",
+        description="Run SCRIPT (or -m MODULE) as __main__ with ARGS, the way python -m cProfile does; every model "
+        "it calls is patched before its first forward, and the per-site statistics are printed to stderr when it ends. "
+        "Example: attnswap run --backend flex -- train.py --model vit_base_patch16_224",
+    )
+    p.add_argument("--backend", default="sdpa", help="the backend every model is patched with (default sdpa)")
+    p.add_argument("--fallback", default=None, help="comma-separated fallback backends (default: sdpa)")
+    p.add_argument("--strict", action="store_true", help="fail instead of falling back or leaving a site unrouted")
+    p.add_argument("--exclude", action="append", default=None, help="module path or class glob to leave alone (repeatable)")
+    p.add_argument("-m", dest="module", action="store_true", help="TARGET is a module name, run like python -m")
+    p.add_argument("target", help="the script (or, with -m, the module) to run")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
+    p.set_defaults(func=cmd_run)
     return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import run_script
+
+    script_args = list(args.script_args)
+    if script_args[:1] == ["--"]:
+        script_args = script_args[1:]
+    kwargs = {}
+    if args.fallback:
+        kwargs["fallback"] = [b for b in args.fallback.split(",") if b]
+    if args.exclude:
+        kwargs["exclude"] = args.exclude
+    return run_script(
+        args.target, script_args, module=args.module, backend=args.backend, strict=args.strict, **kwargs
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

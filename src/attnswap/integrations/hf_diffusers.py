@@ -40,7 +40,7 @@ from ..surgery import helpers, reroute
 from ..surgery.reroute import ClassRewrite
 from ..surgery.source import NotRewritable, compile_like, local_names, parse_method, resolve
 
-PACKAGE = OptionalPackage(modules=("diffusers",), dist="diffusers", minimum="0.32", below="1")
+PACKAGE = OptionalPackage(modules=("diffusers",), dist="diffusers", minimum="0.35", below="1")
 
 DISPATCH_NAME = "__attnswap_dispatch__"
 
@@ -67,9 +67,11 @@ def _native() -> Callable:
         return _native_copy
     with _lock:
         if _native_copy is None:
-            from diffusers.models import attention_dispatch
-
-            made = helpers.helper_copy(attention_dispatch._native_attention)
+            try:
+                from diffusers.models.attention_dispatch import _native_attention
+            except ImportError as exc:
+                raise NotRewritable(f"diffusers has no native attention backend to route ({exc})") from None
+            made = helpers.helper_copy(_native_attention)
             if not isinstance(made, helpers.HelperCopy):
                 raise NotRewritable(f"diffusers' native attention cannot be rewritten: {made}")
             _native_copy = made.call
