@@ -109,3 +109,26 @@ def test_write_section_keeps_the_other_libraries(tmp_path):
     text = path.read_text()
     assert text.count("# attnswap coverage of timm") == 1 and text.count("# attnswap coverage of torchvision") == 1
     assert "    a\n" in text and "Made again" in text and text.index("of timm") < text.index("of torchvision")
+
+
+@pytest.mark.parametrize("name", ["llama", "t5", "vit_mae"])
+def test_transformers_sweep_routes_through_the_interface_and_checks_it(name):
+    pytest.importorskip("transformers")
+    r = coverage.sweep_one(name, zoo="transformers")
+    assert r.fully_routed and r.checked and r.ok, r
+    assert set(r.routed_classes.values()) == {"transformers attention interface"}
+    assert r.calls == r.routed  # one call per attention module, none escaped (the probe counts SDPA calls in sites)
+
+
+def test_transformers_sweep_reports_a_model_on_eager():
+    pytest.importorskip("transformers")
+    r = coverage.sweep_one("gemma2", zoo="transformers", numerics=False)
+    assert r.not_routable and all("attn_implementation='eager'" in why for why in r.not_routable.values())
+
+
+def test_diffusers_sweep_checks_the_models_it_has_inputs_for_and_discovers_the_rest():
+    pytest.importorskip("diffusers")
+    flux = coverage.sweep_one("FluxTransformer2DModel", zoo="diffusers")
+    assert flux.fully_routed and flux.checked and flux.ok and flux.calls == 2
+    latte = coverage.sweep_one("LatteTransformer3DModel", zoo="diffusers")
+    assert latte.fully_routed and not latte.checked and "no example inputs" in latte.skipped

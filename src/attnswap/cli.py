@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("coverage", help="patch every model of a library (or those matching GLOBs) and check every attention is routed")
     p.add_argument("patterns", nargs="*", help="model name globs (default: every model of the library)")
-    p.add_argument("--zoo", default="timm", choices=["timm", "torchvision", "transformers"], help="the model library to sweep")
+    p.add_argument("--zoo", default="timm", choices=["timm", "torchvision", "transformers", "diffusers"], help="the model library to sweep")
     p.add_argument("--out", default=None, help="write the markdown report here (e.g. COVERAGE.md; the other libraries' sections are kept)")
     p.add_argument("--json", default=None, help="write per-model results as JSON here")
     p.add_argument("--no-numerics", action="store_true", help="discovery only (meta device), no forward")

@@ -33,8 +33,8 @@ from .api import patch, stats
 from .models import ungate
 from .report import MANUAL, NOT_ATTENTION, NOT_ROUTABLE, PATCHED
 from .routing import ROUTER_ATTR
-from .surgery.reroute import analyze, original_class
-from .zoos import Zoo, get_zoo
+from .surgery.reroute import analyze, is_library_class, original_class
+from .zoos import NoExample, Zoo, get_zoo
 
 TOLERANCE = 1e-4
 #: a float32 difference above TOLERANCE is rechecked in float64: random weights can amplify
@@ -102,11 +102,15 @@ class _Attribution(TorchFunctionMode):
         # A softmax in a site rerouted at its SDPA call means its hand-written path ran instead.
         # (In hand-written sites a softmax may be legitimate, like ConViT's positional one; a
         # deferred product that had to be computed is counted by the router as unrouted.)
-        for m in self.stack:
-            if ROUTER_ATTR in m.__dict__:
-                rewrite = analyze(original_class(m))
-                if rewrite is not None and not rewrite.products:
-                    return True
+        # Only the site's own code counts: the innermost module running, past PyTorch's own
+        # (an nn.Softmax child), is the site; a child of its own (a mixture-of-experts gate) is not.
+        for m in reversed(self.stack):
+            if is_library_class(type(m)):
+                continue
+            if ROUTER_ATTR not in m.__dict__:
+                return False
+            rewrite = analyze(original_class(m))
+            return rewrite is None or not rewrite.products
         return False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -150,7 +154,10 @@ def _as_double(x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor | dict
     return x.double()
 
 
-def _outputs(zoo: Zoo, model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+def _outputs(zoo: Zoo, model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
+    # seeded before every forward: models that draw noise inside it (ViT-MAE's random masking,
+    # VITS's durations) then draw the same noise unpatched and patched
+    torch.manual_seed(seed)
     with torch.no_grad():
         return _flat(zoo.outputs(model, x))
 
@@ -257,6 +264,8 @@ def sweep_one(
             _alarm(timeout_s)
             try:
                 _check(library, name, result)
+            except NoExample as exc:
+                result.skipped = str(exc)
             finally:
                 if hasattr(signal, "SIGALRM"):
                     signal.alarm(0)

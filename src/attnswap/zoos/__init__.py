@@ -1,7 +1,7 @@
 """Model libraries the coverage sweep knows how to enumerate, build and feed.
 
 Each library's knowledge lives in its own module, imported only when its sweep runs:
-:mod:`.timm_models`, :mod:`.torchvision_models`, :mod:`.transformers_models`.
+:mod:`.timm_models`, :mod:`.torchvision_models`, :mod:`.transformers_models`, :mod:`.diffusers_models`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+
+
+class NoExample(Exception):
+    """The sweep has no example input for this model: discovered, not checked numerically."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,10 @@ class Zoo:
     version: Callable[[], str]
 
 
-_MODULES = {"timm": "timm_models", "torchvision": "torchvision_models", "transformers": "transformers_models"}
+_MODULES = {
+    "timm": "timm_models", "torchvision": "torchvision_models", "transformers": "transformers_models",
+    "diffusers": "diffusers_models",
+}
 
 
 def names() -> list[str]:
