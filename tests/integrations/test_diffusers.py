@@ -245,3 +245,16 @@ def test_a_patched_model_dropped_without_unpatching_gives_the_class_back():
     del model
     gc.collect()
     assert not _rewritten(own) and "__call__" not in own.__dict__
+
+
+def test_a_diffusers_version_outside_the_range_is_reported(monkeypatch):
+    from attnswap.backends.optional import OptionalPackage
+    from attnswap.report import NOT_ROUTABLE
+
+    monkeypatch.setattr(hf_diffusers, "PACKAGE", OptionalPackage(
+        modules=("diffusers",), dist="diffusers", minimum="99.0", below="100",
+    ))
+    model, _, _ = build("dit")
+    report = attnswap.patch(model, backend="sdpa")
+    assert {s.status for s in report.sites} == {NOT_ROUTABLE}
+    assert "diffusers cannot be reached" in report.sites[0].reason and ">=99.0" in report.sites[0].reason

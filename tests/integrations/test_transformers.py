@@ -259,3 +259,16 @@ def test_compiled_fullgraph_routes_and_matches_eager():
     # the routers were traced into the graph (compiled calls are not counted one by one)
     traced = [s.traced for s in attnswap.stats(model) if s.traced]
     assert len(traced) == 2 and all(t == {"sdpa_math": 1} for t in traced), traced
+
+
+def test_a_transformers_version_outside_the_range_is_reported(monkeypatch):
+    from attnswap.backends.optional import OptionalPackage
+
+    monkeypatch.setattr(hf_transformers, "PACKAGE", OptionalPackage(
+        modules=("transformers",), dist="transformers", minimum="99.0", below="100",
+    ))
+    model, _ = build("vit")
+    report = attnswap.patch(model, backend="sdpa")
+    assert {s.status for s in report.sites} == {NOT_ROUTABLE}
+    assert "transformers cannot be reached" in report.sites[0].reason and ">=99.0" in report.sites[0].reason
+    assert model.config._attn_implementation == "sdpa"
