@@ -22,15 +22,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 class SdpaCounter(TorchFunctionMode):
-    """Counts calls of F.scaled_dot_product_attention that reach PyTorch (i.e. were not rerouted)."""
+    """Counts calls of F.scaled_dot_product_attention that reach PyTorch (i.e. were not rerouted),
+    and softmax calls (attention a module computed by hand), as torch sees them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls = 0
+        self.softmax = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.scaled_dot_product_attention:
             self.calls += 1
+        elif func in (F.softmax, torch.softmax, torch.Tensor.softmax):
+            self.softmax += 1
         return func(*args, **(kwargs or {}))
 
 

@@ -7,29 +7,12 @@ import gc
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import attnswap
 from attnswap.integrations import hf_diffusers
 from attnswap.report import PATCHED
 
 from hf_diffusers_tiny import MODELS, build, diffusers
-
-
-class _Count(TorchFunctionMode):
-    """SDPA and softmax calls as torch sees them, independently of attnswap's counters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sdpa = 0
-        self.softmax = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            self.sdpa += 1
-        elif func in (F.softmax, torch.softmax, torch.Tensor.softmax):
-            self.softmax += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _out(model, x) -> torch.Tensor:
@@ -63,17 +46,17 @@ def _rewritten(processor_cls: type) -> bool:
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_attention_call_is_routed_and_the_output_is_unchanged(name):
+def test_every_attention_call_is_routed_and_the_output_is_unchanged(name, sdpa_counter):
     model, x, sites = build(name)
     ref = _out(model, x)
     report = attnswap.patch(model, backend="sdpa")
     routed = [s for s in report.sites if s.status == PATCHED and s.how.startswith("diffusers processor")]
     assert len(routed) == sites, report
-    count = _Count()
+    count = sdpa_counter()
     with count:
         out = _out(model, x)
     stats = attnswap.stats(model)
-    assert stats.total_calls == count.sdpa == sites and count.softmax == 0 and stats.unrouted_calls == 0
+    assert stats.total_calls == count.calls == sites and count.softmax == 0 and stats.unrouted_calls == 0
     assert _rel_err(out, ref) < 1e-5
 
 
@@ -115,16 +98,16 @@ def test_switching_backend_keeps_one_hook_per_module():
     assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 0
 
 
-def test_a_model_that_shares_the_processor_class_is_not_changed():
+def test_a_model_that_shares_the_processor_class_is_not_changed(sdpa_counter):
     a, x, _ = build("dit")
     b, _, _ = build("dit")
     own = _own_processor_class(a, b)
     ref_b = _out(b, x)
     attnswap.patch(a, backend="eager")
-    count = _Count()
+    count = sdpa_counter()
     with count:
         out_b = _out(b, x)
-    assert torch.equal(out_b, ref_b) and count.sdpa == 2 and not attnswap.is_patched(b)
+    assert torch.equal(out_b, ref_b) and count.calls == 2 and not attnswap.is_patched(b)
     attnswap.patch(b, backend="sdpa_math")
     attnswap.unpatch(a)
     assert _rewritten(own)  # b still uses it

@@ -8,7 +8,6 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import attnswap
 from attnswap.errors import PatchError
@@ -19,22 +18,6 @@ from hf_tiny import MODELS, build, transformers
 
 ATTENTION_SITES = {"vit": 2, "dinov2": 2, "swin": 3, "bert": 2, "llama": 2, "t5": 6, "clip": 4, "siglip_vision": 2,
                    "whisper": 6}
-
-
-class _Count(TorchFunctionMode):
-    """SDPA and softmax calls as torch sees them, independently of attnswap's counters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sdpa = 0
-        self.softmax = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            self.sdpa += 1
-        elif func in (F.softmax, torch.softmax, torch.Tensor.softmax):
-            self.softmax += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _flat(out) -> list[torch.Tensor]:
@@ -63,19 +46,19 @@ def _configs(model: torch.nn.Module) -> dict[int, tuple[object, str]]:
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_attention_call_is_routed_and_the_output_is_unchanged(name):
+def test_every_attention_call_is_routed_and_the_output_is_unchanged(name, sdpa_counter):
     model, x = build(name)
     with torch.no_grad():
         ref = model(**x)
     report = attnswap.patch(model, backend="sdpa")
     routed = [s for s in report.sites if s.status == PATCHED and s.how == hf_transformers.HOW]
     assert len(routed) == ATTENTION_SITES[name], report
-    count = _Count()
+    count = sdpa_counter()
     with torch.no_grad(), count:
         out = model(**x)
     stats = attnswap.stats(model)
     # every SDPA call torch saw came through a router, and nothing computed attention by hand
-    assert stats.total_calls == count.sdpa == ATTENTION_SITES[name]
+    assert stats.total_calls == count.calls == ATTENTION_SITES[name]
     assert count.softmax == 0
     assert _rel_err(out, ref) < 1e-5
 
@@ -153,7 +136,7 @@ def test_unpatch_restores_every_config_and_leaves_weights_untouched():
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
-def test_a_model_that_shares_the_config_is_not_changed():
+def test_a_model_that_shares_the_config_is_not_changed(sdpa_counter):
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                                     image_size=32, patch_size=8)
     torch.manual_seed(0)
@@ -163,10 +146,10 @@ def test_a_model_that_shares_the_config_is_not_changed():
         ref_b = b(pixel_values=x).last_hidden_state
     attnswap.patch(a, backend="sdpa_math")
     assert config._attn_implementation == hf_transformers.KEY  # shared: b reads it too
-    count = _Count()
+    count = sdpa_counter()
     with torch.no_grad(), count:
         out_b = b(pixel_values=x).last_hidden_state
-    assert torch.equal(out_b, ref_b) and count.sdpa == 2 and not attnswap.is_patched(b)
+    assert torch.equal(out_b, ref_b) and count.calls == 2 and not attnswap.is_patched(b)
     attnswap.patch(b, backend="eager")
     attnswap.unpatch(a)
     assert config._attn_implementation == hf_transformers.KEY  # b still needs it

@@ -39,6 +39,7 @@ from ..routing import ROUTER_ATTR
 from ..surgery import helpers, reroute
 from ..surgery.reroute import ClassRewrite
 from ..surgery.source import NotRewritable, compile_like, local_names, parse_method, resolve
+from .holders import Holders
 
 PACKAGE = OptionalPackage(modules=("diffusers",), dist="diffusers", minimum="0.35", below="1")
 
@@ -47,8 +48,8 @@ DISPATCH_NAME = "__attnswap_dispatch__"
 _lock = threading.RLock()
 #: processor class -> its rewritten ``__call__`` and how many attention calls it routes, or why not
 _rewrites: dict[type, tuple[Callable, int] | str] = {}
-#: processor class -> (whether ``__call__`` was its own attribute, the original, patched modules using it)
-_installed: dict[type, tuple[bool, Any, weakref.WeakSet]] = {}
+#: rewritten processor class -> (whether ``__call__`` was its own attribute, the original)
+_originals: dict[type, tuple[bool, Any]] = {}
 #: patched module -> the processor classes it made attnswap rewrite
 _classes_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _native_copy: Callable | None = None
@@ -121,9 +122,9 @@ def routed_dispatch(
 # -- rewriting a processor class -------------------------------------------------------------
 def _original_call(proc_cls: type) -> Callable | None:
     with _lock:
-        installed = _installed.get(proc_cls)
-    if installed is not None:
-        return installed[1] if installed[0] else None
+        original = _originals.get(proc_cls)
+    if original is not None:
+        return original[1] if original[0] else None
     fn = getattr(proc_cls, "__call__", None)
     return fn if isinstance(fn, types.FunctionType) else None
 
@@ -175,45 +176,35 @@ def _rewrite(proc_cls: type, fn: Any) -> tuple[Callable, int]:
     return compile_like(fn, funcdef, cells), sdpa.calls + dispatches
 
 
+def _give_back(proc_cls: type) -> None:
+    own, original = _originals.pop(proc_cls)
+    if own:
+        proc_cls.__call__ = original
+    else:
+        del proc_cls.__call__
+
+
+#: the processor classes whose ``__call__`` is rewritten, and the patched modules using each
+_holders = Holders(_give_back)
+
+
 def _install_class(proc_cls: type, module: torch.nn.Module) -> str | None:
     """Rewrite ``proc_cls.__call__`` in place (once) for ``module``; why not, if it cannot be."""
     made = rewrite_processor(proc_cls)
     if isinstance(made, str):
         return made
     with _lock:
-        installed = _installed.get(proc_cls)
-        if installed is None:
-            own = "__call__" in proc_cls.__dict__
-            installed = (own, proc_cls.__dict__.get("__call__"), weakref.WeakSet())
-            _installed[proc_cls] = installed
+        if _holders.hold(proc_cls, module):
+            _originals[proc_cls] = ("__call__" in proc_cls.__dict__, proc_cls.__dict__.get("__call__"))
             proc_cls.__call__ = made[0]
-        if module not in installed[2]:
-            installed[2].add(module)
-            # a patched model dropped without unpatching gives the class back when it is collected
-            weakref.finalize(module, _restore_if_unused, proc_cls)
         _classes_of.setdefault(module, set()).add(proc_cls)
     return None
-
-
-def _restore_if_unused(proc_cls: type) -> None:
-    with _lock:
-        installed = _installed.get(proc_cls)
-        if installed is None or any(True for _ in installed[2]):  # (iterating skips collected modules)
-            return
-        own, original, _ = _installed.pop(proc_cls)
-        if own:
-            proc_cls.__call__ = original
-        else:
-            del proc_cls.__call__
 
 
 def _release(module: torch.nn.Module) -> None:
     with _lock:
         for proc_cls in _classes_of.pop(module, set()):
-            installed = _installed.get(proc_cls)
-            if installed is not None:
-                installed[2].discard(module)
-                _restore_if_unused(proc_cls)
+            _holders.release(proc_cls, module)
 
 
 # -- which modules -----------------------------------------------------------------------------
@@ -250,7 +241,7 @@ def _check_processor(module: torch.nn.Module, args: tuple) -> None:
     """Forward pre-hook of a patched module: a processor set after patching is rewritten too, or
     its calls are counted as not routed, with the reason."""
     proc_cls = type(module.processor)
-    if proc_cls in _installed and module in _installed[proc_cls][2]:
+    if _holders.holds(proc_cls, module):
         return
     router = module.__dict__.get(ROUTER_ATTR)
     if router is None:

@@ -30,7 +30,6 @@ import inspect
 import sys
 import threading
 import types
-import weakref
 from typing import Any, Callable
 
 import torch
@@ -39,6 +38,7 @@ from ..backends.optional import OptionalPackage, PackageUnavailable
 from ..surgery.helpers import routed_function
 from ..surgery.reroute import ClassRewrite
 from ..surgery.source import NotRewritable
+from .holders import Holders
 
 #: the implementation name attnswap registers (in both the attention and the mask interface)
 KEY = "attnswap"
@@ -50,8 +50,6 @@ PACKAGE = OptionalPackage(modules=("transformers",), dist="transformers", minimu
 
 _lock = threading.RLock()
 _forward: Callable | None = None
-#: id(config) -> (the config, the patched modules that read it)
-_switched: dict[int, tuple[weakref.ref, weakref.WeakSet]] = {}
 #: file path -> why that model file cannot take a renamed implementation (None: it can)
 _file_problems: dict[str, str | None] = {}
 
@@ -203,38 +201,21 @@ def site_for(module: torch.nn.Module, cls: type) -> ClassRewrite | None:
 
 
 # -- switching configs --------------------------------------------------------------------------
+def _switch_back(config: Any) -> None:
+    if config._attn_implementation_internal == KEY:
+        config._attn_implementation_internal = SDPA
+
+
+#: the configs switched to KEY, and the patched modules that read each
+_switched = Holders(_switch_back)
+
+
 def attach(module: torch.nn.Module) -> None:
     ensure_registered()
-    config = module.config
-    with _lock:
-        entry = _switched.get(id(config))
-        if entry is None or entry[0]() is not config:
-            entry = (weakref.ref(config), weakref.WeakSet())
-            _switched[id(config)] = entry
-        if module not in entry[1]:
-            entry[1].add(module)
-            # a patched model dropped without unpatching gives a shared config back when it is collected
-            weakref.finalize(module, _restore_if_unused, id(config))
-        config._attn_implementation_internal = KEY
-
-
-def _restore_if_unused(config_id: int) -> None:
-    with _lock:
-        entry = _switched.get(config_id)
-        if entry is None or any(True for _ in entry[1]):  # (iterating skips collected modules)
-            return
-        del _switched[config_id]
-        config = entry[0]()
-        if config is not None and config._attn_implementation_internal == KEY:
-            config._attn_implementation_internal = SDPA
+    _switched.hold(module.config, module)
+    module.config._attn_implementation_internal = KEY
 
 
 def detach(module: torch.nn.Module) -> None:
-    config = module.config
-    with _lock:
-        entry = _switched.get(id(config))
-        if entry is not None and entry[0]() is config:
-            entry[1].discard(module)
-            _restore_if_unused(id(config))
-        elif config._attn_implementation_internal == KEY:  # a copied or unpickled model's own config
-            config._attn_implementation_internal = SDPA
+    if not _switched.release(module.config, module):
+        _switch_back(module.config)  # a copied or unpickled model's own config
