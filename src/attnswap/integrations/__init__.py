@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Callable
 
 import torch
 
+from ..backends.optional import OptionalPackage, PackageUnavailable
 from ..surgery.reroute import ClassRewrite
+from ..surgery.source import NotRewritable
 
 #: top-level package of a module's class -> the integration module that knows it
 _BY_PACKAGE: dict[str, str] = {"transformers": "hf_transformers", "diffusers": "hf_diffusers"}
@@ -47,3 +50,14 @@ def detach(name: str, module: torch.nn.Module) -> None:
 def reattach(name: str) -> None:
     """A router of this integration was copied or unpickled: make sure its library knows attnswap."""
     _load(name).ensure_registered()
+
+
+def why_unreachable(package: OptionalPackage, prepare: Callable[[], object], library: str) -> str | None:
+    """Why an integration cannot reach its library here (not installed, a version outside its
+    range, code it cannot rewrite), or None."""
+    try:
+        package.load()
+        prepare()
+    except (PackageUnavailable, NotRewritable) as exc:
+        return f"{library} cannot be reached: {exc}"
+    return None

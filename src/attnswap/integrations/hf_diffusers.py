@@ -34,11 +34,12 @@ from typing import Any, Callable
 
 import torch
 
-from ..backends.optional import OptionalPackage, PackageUnavailable
+from ..backends.optional import OptionalPackage
 from ..routing import ROUTER_ATTR
 from ..surgery import helpers, reroute
 from ..surgery.reroute import ClassRewrite
 from ..surgery.source import NotRewritable, compile_like, local_names, parse_method, resolve
+from . import why_unreachable
 from .holders import Holders
 
 PACKAGE = OptionalPackage(modules=("diffusers",), dist="diffusers", minimum="0.35", below="1")
@@ -218,12 +219,7 @@ def site_for(module: torch.nn.Module, cls: type) -> ClassRewrite | None:
     processor = module.processor
     if processor is None:
         return None
-    problem = None
-    try:
-        PACKAGE.load()
-        _native()
-    except (PackageUnavailable, NotRewritable) as exc:
-        problem = f"diffusers cannot be reached: {exc}"
+    problem = why_unreachable(PACKAGE, _native, "diffusers")
     calls = 0
     if problem is None:
         made = rewrite_processor(type(processor))

@@ -34,10 +34,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..backends.optional import OptionalPackage, PackageUnavailable
+from ..backends.optional import OptionalPackage
 from ..surgery.helpers import routed_function
 from ..surgery.reroute import ClassRewrite
 from ..surgery.source import NotRewritable
+from . import why_unreachable
 from .holders import Holders
 
 #: the implementation name attnswap registers (in both the attention and the mask interface)
@@ -181,12 +182,7 @@ def site_for(module: torch.nn.Module, cls: type) -> ClassRewrite | None:
     methods = [] if issubclass(cls, PreTrainedModel) else _interface_methods(cls)
     if not methods:
         return None  # computes attention in its own code, if at all: the generic surgery's case
-    problem = None
-    try:
-        PACKAGE.load()
-        routed_forward()
-    except (PackageUnavailable, NotRewritable) as exc:
-        problem = f"transformers cannot be reached: {exc}"
+    problem = why_unreachable(PACKAGE, routed_forward, "transformers")
     config = getattr(module, "config", None)
     impl = getattr(config, "_attn_implementation", None)
     if problem is None and not hasattr(config, "_attn_implementation_internal"):
