@@ -16,7 +16,7 @@ import torch
 from . import api
 from .call import MASK_NONE, CallFacts
 from .errors import AttnSwapError
-from .models import check_runs
+from .models import Inputs, check_runs, input_shape, run_model
 from .report import PATCHED, PatchReport
 from .surgery.swap import router_of
 
@@ -111,8 +111,9 @@ def _shapes(f: CallFacts) -> str:
     return " / ".join(t(s) for s in (f.q_shape, f.k_shape, f.v_shape))
 
 
-def inspect(model: torch.nn.Module, x: torch.Tensor, backend: str = "sdpa", name: str = "model") -> Inspection:
-    """Patch ``model`` with ``backend``, run ``x`` once, describe every site; unpatch."""
+def inspect(model: torch.nn.Module, x: Inputs, backend: str = "sdpa", name: str = "model") -> Inspection:
+    """Patch ``model`` with ``backend``, run ``x`` once (an input, a tuple of positional or a dict
+    of keyword arguments), describe every site; unpatch."""
     if api.is_patched(model):
         raise AttnSwapError("inspect patches the model itself: pass an unpatched model")
     model.eval()
@@ -125,7 +126,7 @@ def inspect(model: torch.nn.Module, x: torch.Tensor, backend: str = "sdpa", name
                 router.keep_plans()
         model.eval()
         with torch.no_grad():
-            model(x)
+            run_model(model, x)
         by_path = {path: router_of(m) for path, m in model.named_modules() if router_of(m) is not None}
         sites = []
         for s in report.sites:
@@ -147,4 +148,4 @@ def inspect(model: torch.nn.Module, x: torch.Tensor, backend: str = "sdpa", name
             sites.append(row)
     finally:
         api.unpatch(model)
-    return Inspection(name, backend, tuple(x.shape), sites)
+    return Inspection(name, backend, input_shape(x), sites)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Sequence
+from typing import Any, Sequence, Union
 
 import torch
 
@@ -82,14 +82,74 @@ def example_input(
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
 
 
-def features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+#: a model's input: one tensor, positional arguments, or keyword arguments (transformers, diffusers)
+Inputs = Union[torch.Tensor, tuple, dict]
+
+
+def run_model(model: torch.nn.Module, x: Inputs) -> Any:
+    """``model(x)``, ``model(*x)`` or ``model(**x)``."""
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, tuple):
+        return model(*x)
+    return model(x)
+
+
+def cast_inputs(x: Any, dtype: torch.dtype) -> Any:
+    """``x`` with its floating tensors in ``dtype`` (token ids, masks of ints and the rest stay)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: cast_inputs(v, dtype) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(cast_inputs(v, dtype) for v in x)
+    return x
+
+
+def input_dtype(x: Any) -> torch.dtype:
+    """The dtype of the first floating tensor of ``x`` (float32 when it has none: token ids)."""
+    if isinstance(x, torch.Tensor):
+        return x.dtype if x.is_floating_point() else torch.float32
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.dtype
+    return torch.float32
+
+
+def input_shape(x: Inputs) -> tuple:
+    """``x``'s shape; for several inputs, their shapes (by name for keyword inputs)."""
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape)
+    items = x.items() if isinstance(x, dict) else enumerate(x)
+    return tuple((k, tuple(v.shape)) for k, v in items if isinstance(v, torch.Tensor))
+
+
+def first_tensor(out: Any) -> torch.Tensor | None:
+    """The first tensor of a model's output (a tensor, a tuple, a dict or a transformers ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            t = first_tensor(o)
+            if t is not None:
+                return t
+    return None
+
+
+def features(model: torch.nn.Module, x: Inputs) -> torch.Tensor:
     """What to compare: timm's ``forward_features`` (heads are often zero-initialized, which
-    would hide any difference in the logits), else the model's output."""
+    would hide any difference in the logits), else the model's output (its first tensor)."""
     forward = getattr(model, "forward_features", None)
-    out = forward(x) if callable(forward) else model(x)
-    if isinstance(out, (list, tuple)):
-        out = out[-1]
-    return out
+    if callable(forward) and isinstance(x, torch.Tensor):
+        out = forward(x)
+        return out[-1] if isinstance(out, (list, tuple)) else out
+    out = run_model(model, x)
+    if isinstance(out, (list, tuple)) and all(isinstance(o, torch.Tensor) for o in out):
+        return out[-1]
+    return first_tensor(out)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -98,14 +158,14 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(diff.max() / ref.double().abs().max().clamp_min(1e-30))
 
 
-def check_runs(model: torch.nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+def check_runs(model: torch.nn.Module, x: Inputs, name: str) -> torch.Tensor:
     """``features(model, x)`` without grad, or an error that says the input does not fit."""
     try:
         with torch.no_grad():
             return features(model, x)
     except Exception as exc:  # noqa: BLE001 - any failure here is the input's or the model's
         raise AttnSwapError(
-            f"the unpatched {name} fails on an input of shape {tuple(x.shape)}: {type(exc).__name__}: {exc} "
+            f"the unpatched {name} fails on an input of shape {input_shape(x)}: {type(exc).__name__}: {exc} "
             "(pass --input-shape / --img-size to fit it)"
         ) from None
 

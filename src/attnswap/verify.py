@@ -20,7 +20,7 @@ import torch
 
 from . import api
 from .errors import AttnSwapError
-from .models import check_runs, relative_error
+from .models import Inputs, cast_inputs, check_runs, first_tensor, input_dtype, relative_error, run_model
 from .surgery.swap import router_of
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -74,18 +74,7 @@ class Verification:
         )
 
 
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        for o in out:
-            t = _first_tensor(o)
-            if t is not None:
-                return t
-    return None
-
-
-def _router_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _router_outputs(model: torch.nn.Module, x: Inputs) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Every site's attention outputs for one forward (all calls of a site, flattened and
     concatenated), and the model's output."""
     seen: dict[str, list[torch.Tensor]] = {}
@@ -101,7 +90,7 @@ def _router_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict[str, 
         router.route = recording  # rerouted code calls router.route(...)
     try:
         with torch.no_grad():
-            out = _first_tensor(model(x))
+            out = first_tensor(run_model(model, x))
     finally:
         for _, router in routers:
             del router.route
@@ -109,16 +98,17 @@ def _router_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict[str, 
 
 
 def verify(
-    model: torch.nn.Module, x: torch.Tensor, backend: str, *, name: str = "model", tolerance: float | None = None,
+    model: torch.nn.Module, x: Inputs, backend: str, *, name: str = "model", tolerance: float | None = None,
 ) -> Verification:
-    """Compare ``model`` patched with ``backend`` to a float64 eager reference, site by site."""
+    """Compare ``model`` patched with ``backend`` to a float64 eager reference, site by site.
+    ``x``: the input, positional arguments (a tuple) or keyword arguments (a dict)."""
     if api.is_patched(model):
         raise AttnSwapError("verify patches the model itself: pass an unpatched model")
     model.eval()
     check_runs(model, x, name)
     reference = copy.deepcopy(model).double()
     api.patch(reference, backend="eager")
-    ref_sites, ref_out = _router_outputs(reference, x.double())
+    ref_sites, ref_out = _router_outputs(reference, cast_inputs(x, torch.float64))
     del reference
     try:
         api.patch(model, backend="sdpa_math")
@@ -130,7 +120,8 @@ def verify(
         classes = {s.path: s.cls for s in report.patched}
     finally:
         api.unpatch(model)
-    tol = tolerance if tolerance is not None else TOLERANCE.get(x.dtype, 1e-4)
+    dtype = input_dtype(x)
+    tol = tolerance if tolerance is not None else TOLERANCE.get(dtype, 1e-4)
     sites = []
     for path in classes:
         if path not in ref_sites or path not in patched_sites:
@@ -139,4 +130,4 @@ def verify(
         plain = relative_error(plain_sites[path], ref_sites[path])
         flagged = patched > tol and patched > MARGIN * plain
         sites.append(SiteError(path, classes[path], served.get(path, "-"), patched, plain, flagged))
-    return Verification(name, backend, str(x.dtype).replace("torch.", ""), tol, sites, relative_error(out, ref_out))
+    return Verification(name, backend, str(dtype).replace("torch.", ""), tol, sites, relative_error(out, ref_out))

@@ -241,3 +241,15 @@ def test_a_diffusers_version_outside_the_range_is_reported(monkeypatch):
     report = attnswap.patch(model, backend="sdpa")
     assert {s.status for s in report.sites} == {NOT_ROUTABLE}
     assert "diffusers cannot be reached" in report.sites[0].reason and ">=99.0" in report.sites[0].reason
+
+
+def test_verify_and_inspect_take_keyword_inputs():
+    from attnswap.inspection import inspect
+    from attnswap.verify import verify
+
+    model, x, sites = build("flux")
+    checked = verify(model, x, "eager", name="flux")
+    assert len(checked.sites) == sites and not checked.flagged
+    seen = inspect(model, x, backend="sdpa", name="flux")
+    assert [r.how for r in seen.sites] == ["diffusers processor FluxAttnProcessor"] * sites
+    assert all(r.calls for r in seen.sites) and not attnswap.is_patched(model)

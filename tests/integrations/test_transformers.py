@@ -255,3 +255,23 @@ def test_a_transformers_version_outside_the_range_is_reported(monkeypatch):
     assert {s.status for s in report.sites} == {NOT_ROUTABLE}
     assert "transformers cannot be reached" in report.sites[0].reason and ">=99.0" in report.sites[0].reason
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_verify_inspect_and_auto_take_keyword_inputs():
+    from attnswap.inspection import inspect
+    from attnswap.verify import verify
+
+    model, x = build("llama")
+    checked = verify(model, x, "sdpa_math", name="llama")
+    assert [s.path for s in checked.sites] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert not checked.flagged and checked.output_err < 1e-5
+    seen = inspect(model, x, backend="sdpa", name="llama")
+    assert seen.input_shape == (("input_ids", (2, 7)), ("attention_mask", (2, 7)))
+    assert [r.how for r in seen.sites] == [hf_transformers.HOW] * 2 and all(r.calls for r in seen.sites)
+    assert not attnswap.is_patched(model) and model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        ref = model(**x).logits
+    attnswap.patch(model, backend="auto", candidates=["sdpa", "sdpa_math", "eager"])
+    with torch.no_grad():
+        assert _rel_err(model(**x).logits, ref) < 1e-5
+    assert attnswap.stats(model).total_calls == 2
