@@ -19,7 +19,9 @@ import torch
 from . import api
 from .auto import AUTO
 from .backends import registry
-from .models import check_runs, example_input, features, relative_error
+from .models import (
+    Inputs, check_runs, example_input, features, first_tensor, input_dtype, input_shape, relative_error, run_model,
+)
 
 UNPATCHED = "unpatched"
 
@@ -179,16 +181,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(model: torch.nn.Module, x: torch.Tensor, train: bool) -> Callable[[], None]:
+def _step(model: torch.nn.Module, x: Inputs, train: bool) -> Callable[[], None]:
     if not train:
         def forward() -> None:
             with torch.no_grad():
-                model(x)
+                run_model(model, x)
         return forward
 
     def train_step() -> None:
-        out = model(x)
-        (out.float().sum() if isinstance(out, torch.Tensor) else sum(o.float().sum() for o in out)).backward()
+        out = run_model(model, x)
+        (out.float().sum() if isinstance(out, torch.Tensor) else first_tensor(out).float().sum()).backward()
         model.zero_grad(set_to_none=True)
     return train_step
 
@@ -204,7 +206,7 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
 def run(
     model: torch.nn.Module,
     backends: Sequence[str],
-    x: torch.Tensor,
+    x: Inputs,
     *,
     name: str = "model",
     repeats: int = 5,
@@ -212,9 +214,11 @@ def run(
     compile: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
-    """Time ``model(x)`` unpatched and patched with each of ``backends``; see the module doc."""
+    """Time ``model(x)`` unpatched and patched with each of ``backends``; see the module doc.
+    ``x``: the input, positional arguments (a tuple) or keyword arguments (a dict)."""
     names = [b if b == AUTO else registry.resolve_name(b) for b in backends]
-    device = x.device
+    lead = x if isinstance(x, torch.Tensor) else first_tensor(list(x.values()) if isinstance(x, dict) else list(x))
+    device = lead.device
     model.eval()
     reference = check_runs(model, x, name)
     variants = [Variant(UNPATCHED)] + [Variant(b) for b in names]
@@ -297,9 +301,9 @@ def run(
     finally:
         api.unpatch(model)
         model.eval()
-    shape = tuple(x.shape)
-    return BenchResult(name, shape[0], shape, str(x.dtype).replace("torch.", ""), str(device), compile, train,
-                       repeats, variants, environment(device))
+    shape = input_shape(x)
+    return BenchResult(name, lead.shape[0], shape, str(input_dtype(x)).replace("torch.", ""), str(device), compile,
+                       train, repeats, variants, environment(device))
 
 
 def run_named(

@@ -253,3 +253,13 @@ def test_verify_and_inspect_take_keyword_inputs():
     seen = inspect(model, x, backend="sdpa", name="flux")
     assert [r.how for r in seen.sites] == ["diffusers processor FluxAttnProcessor"] * sites
     assert all(r.calls for r in seen.sites) and not attnswap.is_patched(model)
+
+
+def test_bench_times_a_model_with_keyword_inputs():
+    from attnswap.bench import run
+
+    model, x, sites = build("dit")
+    result = run(model, ["sdpa", "eager"], x, name="dit", repeats=2)
+    rows = {v.backend: v for v in result.variants}
+    assert rows["eager"].calls == sites and rows["eager"].rel_err < 1e-5 and len(rows["eager"].times_ms) == 2
+    assert not attnswap.is_patched(model)
