@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import attnswap
+
 from attnswap.run import run_script
 
 timm = pytest.importorskip("timm")
@@ -89,26 +91,39 @@ def test_the_exit_status_and_errors_of_the_script_pass_through(script, tmp_path)
 
 
 def test_every_model_the_script_builds_is_patched(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
     module = tmp_path / "many_models.py"
     module.write_text(textwrap.dedent('''
-        import torch, timm, torchvision
+        import torch, timm, torchvision, transformers
+        import kept_models
         vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32).eval()
         swin = torchvision.models.swin_t(weights=None).eval()
         mha = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+        bert = transformers.BertModel(transformers.BertConfig(
+            vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37)).eval()
         with torch.no_grad():
             vit(torch.randn(1, 3, 32, 32))
             swin(torch.randn(1, 3, 64, 64))
             mha(torch.randn(1, 5, 16))
+            bert(torch.randint(0, 99, (1, 6)))
             vit(torch.randn(1, 3, 32, 32))
+        kept_models.models += [vit, swin, bert]
     '''))
+    (tmp_path / "kept_models.py").write_text("models = []\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     printed: list[str] = []
     assert run_script("many_models", [], module=True, backend="sdpa_math", print_to=printed.append) == 0
     report = printed[0]
-    for label in ("VisionTransformer #1", "SwinTransformer #2", "TransformerEncoderLayer #3"):
+    for label in ("VisionTransformer #1", "SwinTransformer #2", "TransformerEncoderLayer #3", "BertModel #4"):
         assert label in report
     assert "24 calls" in report  # the ViT, twice
     assert "12 calls" in report  # Swin-T: 12 blocks
+    assert "3 calls" in report and "BertSelfAttention" in report
+    import kept_models  # the script's own models: unpatched when it ended
+
+    vit, swin, bert = kept_models.models
+    assert not any(attnswap.is_patched(m) for m in (vit, swin, bert))
+    assert bert.config._attn_implementation == "sdpa"
 
 
 def test_an_attention_module_called_directly_counts_its_first_call(tmp_path):

@@ -6,7 +6,8 @@ from outside any model already patched. That is every model the script builds (t
 torchvision, transformers, diffusers or plain ``nn.Module``), whatever built it, before its
 first forward; its submodules are marked with it, so the hook costs one set lookup per module
 call afterwards. When the script ends (or raises, or calls ``sys.exit``), the per-site
-statistics of every patched model are printed to stderr.
+statistics of every patched model are printed to stderr, and the models still alive are
+unpatched.
 
 A model that is itself an attention module, called directly, has its first call already
 bound to its unpatched ``forward`` when a pre-hook runs: that one call computes as before and
@@ -25,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .api import patch, site_stats
+from .api import patch, site_stats, unpatch
 from .report import ModelStats
 from .routing import ROUTER_ATTR, Router
 
@@ -46,6 +47,8 @@ class ScriptPatcher:
         self.patched: list[_Patched] = []
         self.errors: list[str] = []
         self._seen: weakref.WeakSet = weakref.WeakSet()
+        #: the models patched, weakly: those still alive at the end are unpatched
+        self._roots: list[weakref.ref] = []
         self._lock = threading.RLock()
         self._handle: Any = None
 
@@ -57,6 +60,10 @@ class ScriptPatcher:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        for ref in self._roots:  # what patching changed outside the models (configs, classes) goes back too
+            model = ref()
+            if model is not None:
+                unpatch(model)
 
     def _first_call(self, module: torch.nn.Module, args: tuple) -> None:
         if module in self._seen or torch.compiler.is_compiling():
@@ -80,6 +87,7 @@ class ScriptPatcher:
             if root is not None:
                 root.note_settled("the first call of an attention module called directly, made before it was patched")
             self.patched.append(_Patched(f"{type(module).__name__} #{len(self.patched) + 1}", routers))
+            self._roots.append(weakref.ref(module))
 
     def summary(self) -> str:
         lines = []
