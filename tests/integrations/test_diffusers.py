@@ -75,10 +75,13 @@ def test_unpatch_restores_processor_classes_hooks_and_weights():
     own = _own_processor_class(model)
     processors = {n: id(p) for n, p in model.attn_processors.items()}
     hooks = {n: dict(m._forward_pre_hooks) for n, m in model.named_modules()}
+    attributes = {n: dict(m.__dict__) for n, m in model.named_modules()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     attnswap.patch(model, backend="sdpa")
     assert _rewritten(own)
+    _out(model, x)
     assert attnswap.unpatch(model) == 8
+    assert {n: set(m.__dict__) for n, m in model.named_modules()} == {n: set(a) for n, a in attributes.items()}
     assert "__call__" not in own.__dict__  # inherited again, as before
     assert {n: id(p) for n, p in model.attn_processors.items()} == processors
     assert {n: dict(m._forward_pre_hooks) for n, m in model.named_modules()} == hooks
@@ -205,7 +208,7 @@ def test_gradients_match():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["unet2d_condition", "flux"])
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_compiled_fullgraph_routes_and_matches_eager(name):
     model, x, sites = build(name)
     ref = _out(model, x)

@@ -45,6 +45,8 @@ from .holders import Holders
 PACKAGE = OptionalPackage(modules=("diffusers",), dist="diffusers", minimum="0.35", below="1")
 
 DISPATCH_NAME = "__attnswap_dispatch__"
+#: on a patched module: the processor class rewritten for it (the hook's check, one attribute read)
+PROCESSOR_ATTR = "_attnswap_processor_class"
 
 _lock = threading.RLock()
 #: processor class -> its rewritten ``__call__`` and how many attention calls it routes, or why not
@@ -236,8 +238,10 @@ def site_for(module: torch.nn.Module, cls: type) -> ClassRewrite | None:
 def _check_processor(module: torch.nn.Module, args: tuple) -> None:
     """Forward pre-hook of a patched module: a processor set after patching is rewritten too, or
     its calls are counted as not routed, with the reason."""
+    # two attribute reads when nothing changed: inside torch.compile they become guards on the
+    # module, where a look into attnswap's global bookkeeping would guard on mutable sets
     proc_cls = type(module.processor)
-    if _holders.holds(proc_cls, module):
+    if module.__dict__.get(PROCESSOR_ATTR) is proc_cls or torch.compiler.is_compiling():
         return
     router = module.__dict__.get(ROUTER_ATTR)
     if router is None:
@@ -245,16 +249,21 @@ def _check_processor(module: torch.nn.Module, args: tuple) -> None:
     why = _install_class(proc_cls, module)
     if why is not None:
         router.note_settled(f"processor set after patching computes attention itself: {why}")
+    else:
+        module.__dict__[PROCESSOR_ATTR] = proc_cls
 
 
 def attach(module: torch.nn.Module) -> None:
     router = module.__dict__[ROUTER_ATTR]
-    why = _install_class(type(module.processor), module)
+    proc_cls = type(module.processor)
+    why = _install_class(proc_cls, module)
     if why is not None:  # site_for reported it: install refuses such sites before attach
         raise NotRewritable(why)
+    module.__dict__[PROCESSOR_ATTR] = proc_cls
     if not router.hook_ids:
         router.hook_ids = [module.register_forward_pre_hook(_check_processor).id]
 
 
 def detach(module: torch.nn.Module) -> None:
+    module.__dict__.pop(PROCESSOR_ATTR, None)
     _release(module)

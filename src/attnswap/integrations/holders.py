@@ -36,10 +36,6 @@ class Holders:
                 weakref.finalize(module, self._undo_if_unheld, id(obj))
             return first
 
-    def holds(self, obj: Any, module: torch.nn.Module) -> bool:
-        entry = self._held.get(id(obj))
-        return entry is not None and entry[0]() is obj and module in entry[1]
-
     def release(self, obj: Any, module: torch.nn.Module) -> bool:
         """``module`` no longer needs ``obj``; undoes the change if no module does. False when
         ``obj`` was not held at all (a copied or unpickled model's own object)."""
