@@ -51,6 +51,9 @@ PACKAGE = OptionalPackage(modules=("transformers",), dist="transformers", minimu
 
 _lock = threading.RLock()
 _forward: Callable | None = None
+#: class -> (whether it dispatches through the interface, why the class cannot be switched), once per class:
+#: a model has dozens of instances of one attention class
+_class_facts: dict[type, tuple[bool, str | None]] = {}
 #: file path -> why that model file cannot take a renamed implementation (None: it can)
 _file_problems: dict[str, str | None] = {}
 
@@ -179,8 +182,12 @@ def site_for(module: torch.nn.Module, cls: type) -> ClassRewrite | None:
     """How ``module`` is reached through the attention interface, or None when it does not use it."""
     from transformers import PreTrainedModel
 
-    methods = [] if issubclass(cls, PreTrainedModel) else _interface_methods(cls)
-    if not methods:
+    with _lock:
+        if cls not in _class_facts:
+            methods = [] if issubclass(cls, PreTrainedModel) else _interface_methods(cls)
+            _class_facts[cls] = (bool(methods), (_by_name(methods) or _module_file_problem(cls)) if methods else None)
+        uses_interface, class_problem = _class_facts[cls]
+    if not uses_interface:
         return None  # computes attention in its own code, if at all: the generic surgery's case
     problem = why_unreachable(PACKAGE, routed_forward, "transformers")
     config = getattr(module, "config", None)
@@ -192,7 +199,7 @@ def site_for(module: torch.nn.Module, cls: type) -> ClassRewrite | None:
             f"its config selects attn_implementation={impl!r}; attnswap reaches transformers models that use 'sdpa' "
             "(their default): build or load the model with attn_implementation='sdpa'"
         )
-    problem = problem or _by_name(methods) or _module_file_problem(cls)
+    problem = problem or class_problem
     return ClassRewrite(cls, calls=1, problem=problem, integration=__name__.rsplit(".", 1)[-1], integration_how=HOW)
 
 

@@ -540,7 +540,7 @@ class FusedChain:
             return None
         v_lead = v_shape[:-2]
         if v_lead != lead and (
-            len(v_lead) > len(lead) or any(b != 1 and b != a for a, b in zip(reversed(lead), reversed(v_lead)))
+            len(v_lead) > len(lead) or any(n != 1 and n != m for m, n in zip(reversed(lead), reversed(v_lead)))
         ):
             return None  # v would enlarge the batch dims: the product broadcasts, attention does not
         q = a if a_shape[:-2] == lead else a.expand(*lead, *a_shape[-2:])
