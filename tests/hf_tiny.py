@@ -83,8 +83,50 @@ MODELS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], dict[str, An
 }
 
 
+def _gemma2(**extra: Any) -> torch.nn.Module:
+    # alternating sliding-window and full layers, GQA; transformers configures Gemma 2 for eager
+    return T.Gemma2ForCausalLM(T.Gemma2Config(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=37, sliding_window=4, pad_token_id=0, **extra,
+    ))
+
+
+#: models transformers configures for ``eager`` (``_supports_sdpa = False``), reached through their own
+#: eager function: name -> (model, inputs)
+EAGER_MODELS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], dict[str, Any]]]] = {
+    "splinter": (  # an encoder with padding: the additive float mask eager gets
+        lambda: T.SplinterModel(T.SplinterConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=4, intermediate_size=37, question_token_id=5)),
+        _text,
+    ),
+    "gemma2": (lambda: _gemma2(attn_logit_softcapping=None), _text),
+    "speech_to_text": (  # an encoder-decoder, eager function without the float32 softmax
+        lambda: T.Speech2TextModel(T.Speech2TextConfig(
+            vocab_size=99, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, input_feat_per_channel=8,
+            input_channels=1, conv_channels=16, num_conv_layers=2, max_source_positions=64, max_target_positions=32,
+        )),
+        lambda: {"input_features": torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(3)),
+                 "decoder_input_ids": _text(length=5, pad=False)["input_ids"]},
+    ),
+}
+#: eager models whose calls one SDPA call cannot express: name -> (model, inputs, the reason counted)
+EAGER_NOT_EXPRESSIBLE: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], dict[str, Any]], str]] = {
+    "gemma2_softcap": (lambda: _gemma2(attn_logit_softcapping=50.0), _text, "scores passed to tanh"),
+    "gpt_oss": (  # attention sinks: a per-head logit concatenated to the scores
+        lambda: T.GptOssModel(T.GptOssConfig(
+            vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, intermediate_size=37, num_local_experts=4, num_experts_per_tok=2,
+            experts_implementation="eager",
+        )),
+        _text,
+        "scores passed to cat",
+    ),
+}
+
+
 def build(name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict[str, Any]]:
-    make, inputs = MODELS[name]
+    make, inputs = {**MODELS, **EAGER_MODELS, **{k: v[:2] for k, v in EAGER_NOT_EXPRESSIBLE.items()}}[name]
     torch.manual_seed(0)
     model = make().eval().to(dtype)
     x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs().items()}

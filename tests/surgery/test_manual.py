@@ -357,3 +357,53 @@ def test_helper_discovery_skips_an_empty_closure_cell():
         later = None  # noqa: F841 - never reached: the cell stays empty
 
     assert helpers.calls_helpers(outer()) is False
+
+
+def _float32_softmax_cast_back(self, q, k, v, mask):  # transformers' eager functions
+    attn = torch.matmul(q, k.transpose(2, 3)) * 0.25 + mask
+    attn = F.softmax(attn, dim=-1, dtype=torch.float32).to(q.dtype)
+    attn = F.dropout(attn, p=0.0, training=self.training)
+    return torch.matmul(attn, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_float32_softmax_cast_back_is_one_routed_call(dtype):
+    q, k, v = (rand(2, 4, 6, 8).to(dtype) for _ in range(3))
+    mask = rand(1, 1, 6, 6).to(dtype)
+    ref, out, s = run_both(make(_float32_softmax_cast_back), q, k, v, mask, backend="sdpa_math")
+    assert s.total_calls == 1 and s.unrouted_calls == 0, str(s)
+    # bfloat16: what any attention kernel differs from eager code by (P rounded once, not twice)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+def test_a_float32_softmax_of_float64_scores_is_not_routed():
+    # the module's own code loses float64 precision there; a float64 kernel would not
+    q, k, v = (rand(2, 4, 6, 8) for _ in range(3))
+    ref, out, s = run_both(make(_float32_softmax_cast_back), q, k, v, rand(1, 1, 6, 6), backend="sdpa_math")
+    assert torch.equal(out, ref)
+    assert s.total_calls == 0 and "softmax over another dim or dtype" in next(iter(s[0].unrouted))
+
+
+def test_a_float32_softmax_not_cast_back_settles_exactly():
+    def kept_in_float32(self, q, k, v, mask):
+        attn = F.softmax(q @ k.transpose(-2, -1), dim=-1, dtype=torch.float32)
+        return attn.to(torch.float16).float() @ v.float()  # another dtype than the scores': not one attention call
+
+    q, k, v = (rand(1, 2, 5, 4).to(torch.bfloat16) for _ in range(3))
+    ref, out, s = run_both(make(kept_in_float32), q, k, v, None)
+    assert torch.equal(out, ref)
+    assert s.total_calls == 0 and s.unrouted_calls == 1
+    assert "another dtype" in next(iter(s[0].unrouted))
+
+
+def test_scores_passed_inside_a_list_settle_and_are_counted():
+    def sinks(self, q, k, v, sink):  # gpt-oss: a per-head logit concatenated to the scores
+        attn = q @ k.transpose(-2, -1)
+        logits = torch.cat([attn, sink.expand(*attn.shape[:-1], 1)], dim=-1)
+        return logits.softmax(dim=-1)[..., :-1] @ v
+
+    q, k, v, sink = rand(2, 4, 6, 8), rand(2, 4, 6, 8), rand(2, 4, 6, 5), rand(1, 4, 1, 1)
+    ref, out, s = run_both(make(sinks), q, k, v, sink)
+    assert torch.equal(out, ref)
+    assert s.unrouted_calls == 1 and "scores passed to cat" in next(iter(s[0].unrouted))

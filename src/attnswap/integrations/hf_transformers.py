@@ -17,10 +17,22 @@ built from one config); a module that shares the config but has no router takes 
 call, so a model that was not patched computes exactly what it computed. The config is set
 back to ``"sdpa"`` when its last patched module is unpatched.
 
-Not reached, and reported as such: models configured for another implementation (``eager``,
-flash-attn, flex), modules that look up ``ALL_ATTENTION_FUNCTIONS["sdpa"]`` by name (SAM2,
-EdgeTAM), and model files that compare the implementation's name with ``"sdpa"`` (switching the
-name would change what they compute).
+Models configured for ``eager`` (the library's choice where a model cannot take SDPA: soft-capped
+logits in Gemma 2, attention sinks in gpt-oss, or never declared) are switched to a second key,
+``"attnswap_eager"``, registered with ``eager``'s mask function, so every module gets the additive
+float mask it got before. Its implementation calls the model file's own eager function (the
+default the module passes to ``get_interface``) in a copy whose ``q @ kᵀ`` product is deferred by
+the generic surgery (:mod:`..surgery.manual`): the scaling, the additive mask and ``position_bias``,
+the softmax, dropout and ``@ v`` become one router call. What one SDPA call cannot express
+(``tanh`` soft-capping, sink logits concatenated to the scores) makes that call's scores be
+computed by the function's own code, counted with the reason. Attention weights are returned as
+``None``, as ``sdpa`` returns them; a call whose weights are being captured
+(``output_attentions``) runs the original function and is counted.
+
+Not reached, and reported as such: models configured for other implementations (flash-attn,
+flex), modules that look up ``ALL_ATTENTION_FUNCTIONS["sdpa"]`` by name (SAM2, EdgeTAM), and model
+files that compare the implementation's name with the one switched from (switching the name
+would change what they compute).
 """
 
 from __future__ import annotations
@@ -30,32 +42,65 @@ import inspect
 import sys
 import threading
 import types
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from ..backends.optional import OptionalPackage
+from ..errors import AttnSwapError
+from ..routing import ROUTER_ATTR
+from ..surgery import manual
 from ..surgery.helpers import routed_function
 from ..surgery.reroute import ClassRewrite
-from ..surgery.source import NotRewritable
+from ..surgery.scores import Lazy
+from ..surgery.source import NotRewritable, compile_like, local_names, parse_method, resolve
 from . import why_unreachable
 from .holders import Holders
 
-#: the implementation name attnswap registers (in both the attention and the mask interface)
+#: the implementation name attnswap registers for models configured for ``sdpa`` (in both interfaces)
 KEY = "attnswap"
-#: the only implementation attnswap switches from, and back to
+#: ... and for models configured for ``eager``
+EAGER_KEY = "attnswap_eager"
 SDPA = "sdpa"
+EAGER = "eager"
+#: the implementations attnswap switches from, the key each is switched to, and back
+SWITCHED: dict[str, str] = {SDPA: KEY, EAGER: EAGER_KEY}
+_SWITCHED_BACK: dict[str, str] = {key: name for name, key in SWITCHED.items()}
 HOW = "transformers attention interface"
 
 PACKAGE = OptionalPackage(modules=("transformers",), dist="transformers", minimum="5.0", below="6")
 
+#: why a call ran the model file's own eager function although its module has a router
+WEIGHTS_WANTED = "its attention weights were being captured (output_attentions): the model's own eager function ran"
+UNKNOWN_CAPTURE = (
+    "this transformers version does not show whether attention weights are being captured: the model's own eager "
+    "function ran"
+)
+
 _lock = threading.RLock()
 _forward: Callable | None = None
-#: class -> (whether it dispatches through the interface, why the class cannot be switched), once per class:
-#: a model has dozens of instances of one attention class
-_class_facts: dict[type, tuple[bool, str | None]] = {}
-#: file path -> why that model file cannot take a renamed implementation (None: it can)
-_file_problems: dict[str, str | None] = {}
+
+
+@dataclass(frozen=True)
+class _ClassFacts:
+    """What a module class's methods say, worked out once per class (a model has dozens of instances)."""
+
+    #: whether it dispatches through the interface at all
+    uses_interface: bool
+    #: why it cannot be switched from ``sdpa`` (None: it can)
+    sdpa_problem: str | None = None
+    #: the model file's eager function it passes to ``get_interface`` as the default, or None
+    eager: Callable | None = None
+    #: that function with its ``q @ kᵀ`` product deferred to the module's router
+    eager_routed: Callable | None = None
+    #: why it cannot be switched from ``eager`` (None: it can)
+    eager_problem: str | None = None
+
+
+_class_facts: dict[type, _ClassFacts] = {}
+#: (file path, implementation name) -> why that model file cannot take a renamed implementation (None: it can)
+_file_problems: dict[tuple[str, str], str | None] = {}
 
 
 def routed_forward() -> Callable:
@@ -74,17 +119,104 @@ def routed_forward() -> Callable:
 
 
 def ensure_registered() -> None:
-    """Register ``"attnswap"`` with transformers: the routed implementation, and ``sdpa``'s masks."""
+    """Register ``"attnswap"`` (the routed ``sdpa``, with ``sdpa``'s masks) and ``"attnswap_eager"``
+    (:func:`eager_forward`, with ``eager``'s masks) with transformers."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
     forward = routed_forward()
     with _lock:
-        if ALL_ATTENTION_FUNCTIONS._global_mapping.get(KEY) is not forward:
-            AttentionInterface.register(KEY, forward)
-        sdpa_mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[SDPA]
-        if ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(KEY) is not sdpa_mask:
-            AttentionMaskInterface.register(KEY, sdpa_mask)
+        for key, function in ((KEY, forward), (EAGER_KEY, eager_forward)):
+            if ALL_ATTENTION_FUNCTIONS._global_mapping.get(key) is not function:
+                AttentionInterface.register(key, function)
+        for key, name in ((KEY, SDPA), (EAGER_KEY, EAGER)):
+            mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[name]
+            if ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(key) is not mask:
+                AttentionMaskInterface.register(key, mask)
+
+
+# -- models configured for eager -----------------------------------------------------------------
+def _weights_wanted(kwargs: dict[str, Any]) -> str | None:
+    """Why the caller may use the attention weights (so they must be computed), or None."""
+    if kwargs.get("output_attentions"):
+        return WEIGHTS_WANTED
+    try:
+        from transformers.utils.output_capturing import _active_collector
+
+        collected = _active_collector.get() or {}  # what the running model's capture_outputs collects
+    except (ImportError, AttributeError, TypeError):
+        return UNKNOWN_CAPTURE
+    return WEIGHTS_WANTED if any(name.endswith("attentions") for name in collected) else None
+
+
+def eager_forward(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The implementation registered as ``"attnswap_eager"``: the model file's own eager function,
+    its scores deferred to ``module``'s router (see the module docstring)."""
+    facts = _class_facts.get(type(module)) or _facts(type(module))
+    if facts.eager is None:
+        raise AttnSwapError(
+            f"{type(module).__qualname__} shares a config that attnswap switched to {EAGER_KEY!r}, and attnswap could "
+            f"not find the eager function it would run ({facts.eager_problem}); unpatch the model, or patch it with "
+            f"exclude= for the modules of that class's model"
+        )
+    router = module.__dict__.get(ROUTER_ATTR)
+    if router is None or facts.eager_routed is None:
+        return facts.eager(module, *args, **kwargs)
+    why = _weights_wanted(kwargs)
+    if why is not None:
+        router.note_settled(why)
+        return facts.eager(module, *args, **kwargs)
+    result = facts.eager_routed(module, *args, **kwargs)
+    if type(result) is tuple:
+        # the deferred probabilities nobody asked for are dropped, as ``sdpa`` returns None
+        return tuple(None if isinstance(v, Lazy) else v for v in result)
+    return result
+
+
+def _eager_default(methods: list[Callable]) -> tuple[Callable | None, str | None]:
+    """The function ``methods`` pass to ``ALL_ATTENTION_FUNCTIONS.get_interface(name, default)``."""
+    found: list[Callable] = []
+    for fn in methods:
+        try:
+            funcdef = parse_method(fn, is_method=True)
+        except NotRewritable as exc:
+            return None, f"{fn.__qualname__}: {exc}"
+        names = local_names(funcdef)
+        for node in ast.walk(funcdef):
+            if (
+                isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get_interface"
+                and len(node.args) >= 2
+            ):
+                target = resolve(node.args[1], fn, names)
+                if not isinstance(target, types.FunctionType):
+                    return None, f"{fn.__qualname__} passes get_interface a default attnswap cannot resolve"
+                if target not in found:
+                    found.append(target)
+    if len(found) != 1:
+        return None, (
+            "its methods pass no eager function to ALL_ATTENTION_FUNCTIONS.get_interface" if not found
+            else f"its methods pass {len(found)} different eager functions to get_interface"
+        )
+    return found[0], None
+
+
+def _routed_eager(fn: Callable) -> tuple[Callable | None, str | None]:
+    """``fn`` (``eager_attention_forward(module, query, key, ...)``) with its scores product
+    deferred to the router of the module it is given, or why it cannot be."""
+    try:
+        funcdef = parse_method(fn, is_method=False)
+    except NotRewritable as exc:
+        return None, f"{fn.__qualname__}: {exc}"
+    params = funcdef.args.posonlyargs + funcdef.args.args
+    if not params:
+        return None, f"{fn.__qualname__} takes no module argument"
+    cells = dict(manual.HELPERS)
+    found = manual.defer_products(fn, funcdef, params[0].arg, settle_returns=False, cells=cells)
+    if found is None:
+        return None, f"{fn.__qualname__} computes no softmax(q @ kᵀ) attention that attnswap can follow"
+    if isinstance(found, str):
+        return None, f"{fn.__qualname__}: {found}"
+    return compile_like(fn, funcdef, cells), None
 
 
 # -- which modules, and why not --------------------------------------------------------------
@@ -133,17 +265,17 @@ def _by_name(methods: list[Callable]) -> str | None:
     return None
 
 
-def _names_sdpa(node: ast.expr) -> bool:
+def _names(node: ast.expr, name: str) -> bool:
     if isinstance(node, ast.Constant):
-        return node.value == SDPA
+        return node.value == name
     if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
-        return any(_names_sdpa(e) for e in node.elts)
+        return any(_names(e, name) for e in node.elts)
     return False
 
 
-def file_problem(source: str, filename: str) -> str | None:
-    """Why a model file would compute something else once its config names ``"attnswap"``
-    instead of ``"sdpa"``: it compares ``_attn_implementation`` with ``"sdpa"``."""
+def file_problem(source: str, filename: str, name: str = SDPA) -> str | None:
+    """Why a model file would compute something else once its config names attnswap's key instead
+    of ``name``: it compares ``_attn_implementation`` with ``name``."""
     try:
         tree = ast.parse(source)
     except SyntaxError:
@@ -153,70 +285,95 @@ def file_problem(source: str, filename: str) -> str | None:
             continue
         sides = [node.left, *node.comparators]
         if any(isinstance(s, ast.Attribute) and s.attr == "_attn_implementation" for s in sides) and any(
-            _names_sdpa(s) for s in sides
+            _names(s, name) for s in sides
         ):
             return (
-                f"{filename}:{node.lineno} compares config._attn_implementation with 'sdpa'; under another "
+                f"{filename}:{node.lineno} compares config._attn_implementation with {name!r}; under another "
                 "implementation's name that code would compute differently"
             )
     return None
 
 
-def _module_file_problem(cls: type) -> str | None:
+def _module_file_problem(cls: type, name: str) -> str | None:
     module = sys.modules.get(cls.__module__)
     path = getattr(module, "__file__", None)
     if module is None or path is None:
         return f"the source of {cls.__module__} is not available to check it"
     with _lock:
-        if path not in _file_problems:
+        if (path, name) not in _file_problems:
             try:
                 source = inspect.getsource(module)
             except (OSError, TypeError):
-                _file_problems[path] = f"the source of {cls.__module__} is not available to check it"
+                _file_problems[path, name] = f"the source of {cls.__module__} is not available to check it"
             else:
-                _file_problems[path] = file_problem(source, f"{cls.__module__.rsplit('.', 1)[-1]}.py")
-        return _file_problems[path]
+                _file_problems[path, name] = file_problem(source, f"{cls.__module__.rsplit('.', 1)[-1]}.py", name)
+        return _file_problems[path, name]
+
+
+def _facts(cls: type) -> _ClassFacts:
+    from transformers import PreTrainedModel
+
+    with _lock:
+        if cls in _class_facts:
+            return _class_facts[cls]
+        methods = [] if issubclass(cls, PreTrainedModel) else _interface_methods(cls)
+        if not methods:
+            facts = _ClassFacts(uses_interface=False)
+        else:
+            by_name = _by_name(methods)
+            eager, eager_problem = _eager_default(methods)
+            eager_routed = None
+            if eager is not None:
+                eager_routed, eager_problem = _routed_eager(eager)
+            facts = _ClassFacts(
+                uses_interface=True,
+                sdpa_problem=by_name or _module_file_problem(cls, SDPA),
+                eager=eager,
+                eager_routed=eager_routed,
+                eager_problem=by_name or eager_problem or _module_file_problem(cls, EAGER),
+            )
+        _class_facts[cls] = facts
+        return facts
 
 
 def site_for(module: torch.nn.Module, cls: type) -> ClassRewrite | None:
     """How ``module`` is reached through the attention interface, or None when it does not use it."""
-    from transformers import PreTrainedModel
-
-    with _lock:
-        if cls not in _class_facts:
-            methods = [] if issubclass(cls, PreTrainedModel) else _interface_methods(cls)
-            _class_facts[cls] = (bool(methods), (_by_name(methods) or _module_file_problem(cls)) if methods else None)
-        uses_interface, class_problem = _class_facts[cls]
-    if not uses_interface:
+    facts = _facts(cls)
+    if not facts.uses_interface:
         return None  # computes attention in its own code, if at all: the generic surgery's case
     problem = why_unreachable(PACKAGE, routed_forward, "transformers")
     config = getattr(module, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
+    impl = _SWITCHED_BACK.get(getattr(config, "_attn_implementation", None), getattr(config, "_attn_implementation", None))
     if problem is None and not hasattr(config, "_attn_implementation_internal"):
         problem = "it has no transformers config to select its attention implementation by"
-    if problem is None and impl not in (SDPA, KEY):
+    if problem is None and impl not in SWITCHED:
         problem = (
             f"its config selects attn_implementation={impl!r}; attnswap reaches transformers models that use 'sdpa' "
-            "(their default): build or load the model with attn_implementation='sdpa'"
+            "or 'eager': build or load the model with one of them"
         )
-    problem = problem or class_problem
-    return ClassRewrite(cls, calls=1, problem=problem, integration=__name__.rsplit(".", 1)[-1], integration_how=HOW)
+    if problem is None:
+        problem = facts.sdpa_problem if impl == SDPA else facts.eager_problem
+    how = HOW if impl != EAGER else f"{HOW} (its eager function, scores deferred)"
+    return ClassRewrite(cls, calls=1, problem=problem, integration=__name__.rsplit(".", 1)[-1], integration_how=how)
 
 
 # -- switching configs --------------------------------------------------------------------------
 def _switch_back(config: Any) -> None:
-    if config._attn_implementation_internal == KEY:
-        config._attn_implementation_internal = SDPA
+    name = _SWITCHED_BACK.get(config._attn_implementation_internal)
+    if name is not None:
+        config._attn_implementation_internal = name
 
 
-#: the configs switched to KEY, and the patched modules that read each
+#: the configs switched to a key, and the patched modules that read each
 _switched = Holders(_switch_back)
 
 
 def attach(module: torch.nn.Module) -> None:
     ensure_registered()
-    _switched.hold(module.config, module)
-    module.config._attn_implementation_internal = KEY
+    config = module.config
+    _switched.hold(config, module)
+    impl = config._attn_implementation_internal
+    config._attn_implementation_internal = SWITCHED.get(impl, impl)
 
 
 def detach(module: torch.nn.Module) -> None:

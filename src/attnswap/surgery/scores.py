@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..call import broadcast
 from ..structure.base import StructuredMask
@@ -191,7 +191,8 @@ class Lazy:
         return (cls or type(self))(self.router, (fn, args, kwargs or {}), sym)
 
     def _fallback(self, fn: Callable, args: tuple, kwargs: dict | None, why: str) -> Any:
-        for a in (*args, *(kwargs or {}).values()):
+        # nested too: ``torch.cat([scores, sinks])`` holds the scores in a list
+        for a in tree_flatten((args, kwargs or {}))[0]:
             if isinstance(a, Lazy) and a.sym is not None:
                 a.settle(why)
         return fn(*tree_map(_settled, args), **tree_map(_settled, kwargs or {}))
@@ -501,6 +502,10 @@ class Scores(Lazy):
             last = dim in (-1, len(sym.shape) - 1)
             if last and (dtype is None or dtype == sym.dtype):
                 return self._derive(func, args, kwargs, _ProbsSym(sym, 0.0, False), Probs)
+            if last and dtype == torch.float32 and sym.dtype in _UPCAST_FROM:
+                # transformers' eager: softmax in float32, cast back to the scores' dtype before ``@ v``
+                # (the precision every attention kernel keeps its softmax in); routed only once cast back
+                return self._derive(func, args, kwargs, _ProbsSym(sym, 0.0, False, dtype), Probs)
         return self._fallback(func, args, kwargs, "softmax over another dim or dtype")
 
     def _torch_function(self, func, args, kwargs):
@@ -513,19 +518,30 @@ class Scores(Lazy):
         return NotImplemented
 
 
+#: score dtypes whose softmax may be taken in float32 (then cast back) and still be routed
+_UPCAST_FROM = frozenset({torch.float16, torch.bfloat16})
+
+
 class _ProbsSym:
     __slots__ = ("scores", "dropout_p", "transposed", "shape", "dtype", "device")
 
-    def __init__(self, scores: _ScoresSym, dropout_p: float, transposed: bool) -> None:
+    def __init__(self, scores: _ScoresSym, dropout_p: float, transposed: bool, dtype: torch.dtype | None = None) -> None:
         self.scores, self.dropout_p, self.transposed = scores, dropout_p, transposed
         shape = scores.shape
         self.shape = (*shape[:-2], shape[-1], shape[-2]) if transposed else shape
-        self.dtype, self.device = scores.dtype, scores.device
+        #: the scores' dtype, or float32 while a softmax taken in float32 is not cast back yet
+        self.dtype, self.device = dtype or scores.dtype, scores.device
+
+    @property
+    def upcast(self) -> bool:
+        return self.dtype != self.scores.dtype
 
 
 def _route_probs(router, probs: _ProbsSym, v: _Tensor) -> _Tensor | None:
     """``probs @ v`` through the router, or None when ``v`` does not fit."""
     s = probs.scores
+    if probs.upcast:
+        return None
     check_unwritten(router, s.q, s.k, s.versions)
     return route_scores(router, s.q, s.k, s.q_mul, s.scale, s.biases, s.shape, probs.dropout_p, v, s.dtype, s.device)
 
@@ -584,19 +600,35 @@ class Probs(Lazy):
         if sym is not None and self._value is None:
             nd = len(sym.shape)
             if {dim0 % nd, dim1 % nd} == {nd - 2, nd - 1}:
-                return self._derive(_Tensor.transpose, (self, dim0, dim1), None, _ProbsSym(sym.scores, sym.dropout_p, not sym.transposed))
+                return self._derive(
+                    _Tensor.transpose, (self, dim0, dim1), None,
+                    _ProbsSym(sym.scores, sym.dropout_p, not sym.transposed, sym.dtype),
+                )
         return self._fallback(_Tensor.transpose, (self, dim0, dim1), None, "probabilities transposed across batch dims")
 
     @property
     def mT(self):
         return self.transpose(-2, -1)
 
+    def to(self, *args, **kwargs):
+        """A cast to a dtype only: the float32 softmax cast back to the scores' dtype, or to its own."""
+        sym: _ProbsSym | None = self.sym
+        dtype = args[0] if len(args) == 1 and not kwargs else kwargs.get("dtype") if not args and kwargs.keys() == {"dtype"} else None
+        if sym is not None and self._value is None and isinstance(dtype, torch.dtype):
+            if dtype == sym.dtype:
+                return self  # what Tensor.to returns for its own dtype
+            if dtype == sym.scores.dtype:
+                return self._derive(
+                    _Tensor.to, (self, dtype), None, _ProbsSym(sym.scores, sym.dropout_p, sym.transposed, dtype)
+                )
+        return self._fallback(_Tensor.to, (self, *args), kwargs, "probabilities cast to another dtype or device")
+
     def _dropout(self, func, args, kwargs, p, training):
         sym: _ProbsSym = self.sym
         if not training or p == 0:
             return self  # what F.dropout computes (in place or not): the same values
         if sym.dropout_p == 0.0 and not sym.transposed:
-            return self._derive(func, args, kwargs, _ProbsSym(sym.scores, float(p), False))
+            return self._derive(func, args, kwargs, _ProbsSym(sym.scores, float(p), False, sym.dtype))
         return NotImplemented
 
     def _torch_function(self, func, args, kwargs):
@@ -625,7 +657,7 @@ class Probs(Lazy):
                 out = _route_probs(self.router, _ProbsSym(sym.scores, sym.dropout_p, False), other.transpose(-2, -1))
                 return NotImplemented if out is None else out.transpose(-2, -1).contiguous()
             return NotImplemented
-        if sym.transposed or sym.dropout_p:
+        if sym.transposed or sym.dropout_p or sym.upcast:
             return NotImplemented
         if op is operator.mul or (op is operator.truediv and not reflected):
             coef = _coefficient(other, sym.shape, sym, op)
