@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import integrations
 from .api import patch, stats
 from .models import ungate
 from .report import MANUAL, NOT_ATTENTION, NOT_ROUTABLE, PATCHED
@@ -109,12 +110,14 @@ class _Attribution(TorchFunctionMode):
                 continue
             if ROUTER_ATTR not in m.__dict__:
                 return False
-            rewrite = analyze(original_class(m))
+            cls = original_class(m)
+            rewrite = integrations.site_for(m, cls) or analyze(cls)
             return rewrite is None or not rewrite.products
         return False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _SOFTMAX and self._in_sdpa_site():
+        # (a softmax of deferred scores computes nothing; if they settle, the real one is counted)
+        if func in _SOFTMAX and args and isinstance(args[0], torch.Tensor) and self._in_sdpa_site():
             self.escaped += 1
         elif func is F.scaled_dot_product_attention:
             if self._in_site():

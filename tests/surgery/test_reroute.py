@@ -184,3 +184,59 @@ def test_torch_wrappers_that_reclass_modules_keep_routing_and_unpatch_exactly(or
     attnswap.patch(module, backend="eager")  # and once more, after the round trip
     attnswap.unpatch(module)
     assert type(module) is cls, "repeated cycles reuse one rebuilt wrapper class"
+
+
+def renamed(old: str, new: str):
+    """A wrapping decorator (functools.wraps) that renames a keyword, like transformers' deprecate_kwarg."""
+    import functools
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if old in kwargs:
+                kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+class DecoratedHandWritten(nn.Module):
+    @renamed("scale_by", "factor")
+    def forward(self, q, k, v, factor=1.0):
+        attn = (q @ k.transpose(-2, -1)) * (0.125 * factor)
+        return attn.softmax(dim=-1) @ v
+
+
+@pytest.fixture
+def wrapping_decorator():
+    from attnswap.surgery import source
+
+    label = f"{renamed.__module__}.{renamed.__qualname__}"
+    source.WRAPPING_DECORATORS.add(label)
+    yield label
+    source.WRAPPING_DECORATORS.discard(label)
+
+
+def test_a_method_under_a_known_wrapping_decorator_is_rewritten_and_decorated_again(wrapping_decorator, sdpa_counter):
+    m = DecoratedHandWritten()
+    q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64) for _ in range(3))
+    ref = m(q, k, v, scale_by=2.0)
+    original = DecoratedHandWritten.__dict__["forward"]
+    attnswap.patch(m, backend="sdpa")
+    count = sdpa_counter()
+    with count:
+        out = m(q, k, v, scale_by=2.0)  # the decorator still renames the keyword
+    assert count.calls == 1 and count.softmax == 0 and attnswap.stats(m).total_calls == 1
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert type(m).forward.__wrapped__ is not original.__wrapped__  # decorating the rewritten method
+    attnswap.unpatch(m)
+    assert type(m) is DecoratedHandWritten and DecoratedHandWritten.__dict__["forward"] is original
+
+
+def test_a_method_under_an_unknown_decorator_is_reported():
+    # a class of its own: what attnswap finds in a class is worked out once
+    cls = type("DecoratedToo", (nn.Module,), {"forward": DecoratedHandWritten.__dict__["forward"]})
+    (site,) = attnswap.patch(cls(), backend="sdpa").sites
+    assert site.status == "not routable" and "renamed('scale_by', 'factor')" in site.reason

@@ -54,9 +54,14 @@ from ..surgery import manual
 from ..surgery.helpers import routed_function
 from ..surgery.reroute import ClassRewrite
 from ..surgery.scores import Lazy
-from ..surgery.source import NotRewritable, compile_like, local_names, parse_method, resolve
+from ..surgery.source import WRAPPING_DECORATORS, NotRewritable, compile_like, local_names, parse_method, resolve
 from . import why_unreachable
 from .holders import Holders
+
+# wraps with functools.wraps, renames a keyword (`past_key_values` -> `cache`), registers nothing:
+# the hand-written attention methods it decorates (BigBird, XLM, MPT, RoFormer, ...) are rewritten
+# underneath it and decorated again
+WRAPPING_DECORATORS.add("transformers.utils.deprecation.deprecate_kwarg")
 
 #: the implementation name attnswap registers for models configured for ``sdpa`` (in both interfaces)
 KEY = "attnswap"
@@ -353,8 +358,11 @@ def site_for(module: torch.nn.Module, cls: type) -> ClassRewrite | None:
         )
     if problem is None:
         problem = facts.sdpa_problem if impl == SDPA else facts.eager_problem
-    how = HOW if impl != EAGER else f"{HOW} (its eager function, scores deferred)"
-    return ClassRewrite(cls, calls=1, problem=problem, integration=__name__.rsplit(".", 1)[-1], integration_how=how)
+    eager = impl == EAGER
+    return ClassRewrite(
+        cls, calls=0 if eager else 1, products=1 if eager else 0, problem=problem,
+        integration=__name__.rsplit(".", 1)[-1], integration_how=f"{HOW} (its eager function, scores deferred)" if eager else HOW,
+    )
 
 
 # -- switching configs --------------------------------------------------------------------------

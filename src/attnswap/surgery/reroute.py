@@ -30,7 +30,7 @@ from ..routing import ROUTE_METHOD, ROUTER_ATTR, UNROUTED
 from ..structure import replacement_for
 from ..structure.builders import builder_names, method_replacements_for, method_wrappers_for
 from . import helpers, manual, mha
-from .source import NotRewritable, compile_like, local_names, parse_method, resolve, self_name
+from .source import NotRewritable, compile_like, local_names, parse_method, resolve, rewrapper, self_name
 
 #: the closure name rerouted code reaches UNROUTED by
 UNROUTED_NAME = "__attnswap_unrouted__"
@@ -211,19 +211,22 @@ def _analyze(cls: type) -> ClassRewrite | None:
         return ClassRewrite(cls, left_alone=known[0], not_attention=not known[1])
     sdpa_methods: list[tuple[str, Any, Callable]] = []
     softmax_methods: list[tuple[str, Any, Callable]] = []
+    #: method name -> how to decorate its rewrite as the class decorates it
+    redecorate: dict[str, Callable[[Callable], Callable]] = {}
     for name, attr, fn in _methods(cls):
         inner = fn
         while inner is not None:  # look through decorators that wrap (functools.wraps)
             mentions = frozenset({_SDPA_NAME}) | _sdpa_aliases(inner.__globals__)
             if _code_mentions(inner.__code__, mentions) or _mentions_softmax(inner.__code__):
                 if inner is not fn:
-                    return ClassRewrite(
-                        cls, problem=f"{cls.__qualname__}.{name}: it is wrapped by a decorator; rewriting would drop it"
-                    )
-                if _code_mentions(fn.__code__, mentions):
-                    sdpa_methods.append((name, attr, fn))
+                    again = rewrapper(fn, inner)
+                    if isinstance(again, str):
+                        return ClassRewrite(cls, problem=f"{cls.__qualname__}.{name}: {again}")
+                    redecorate[name] = again
+                if _code_mentions(inner.__code__, mentions):
+                    sdpa_methods.append((name, attr, inner))
                 else:
-                    softmax_methods.append((name, attr, fn))
+                    softmax_methods.append((name, attr, inner))
                 break
             inner = getattr(inner, "__wrapped__", None)
     methods: dict[str, Callable] = {}
@@ -314,6 +317,9 @@ def _analyze(cls: type) -> ClassRewrite | None:
         if name in methods and calls:
             methods[name] = functools.wraps(methods[name])(wrap(methods[name]))
             structures.extend(k for k in (kind,) if k not in structures)
+    for name, again in redecorate.items():
+        if name in methods:
+            methods[name] = again(methods[name])  # outermost, as the class had it
     if not methods:
         return ClassRewrite(cls, left_alone=not_followed) if not_followed else None
     return ClassRewrite(

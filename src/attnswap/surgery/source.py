@@ -39,6 +39,48 @@ def parse_method(fn: Callable, *, is_method: bool) -> ast.FunctionDef:
     return funcdef
 
 
+#: decorators that only wrap (``functools.wraps``, nothing registered or changed when applied), by
+#: ``module.qualname`` of the decorator or of the factory that makes it: a method decorated only with
+#: these is rewritten underneath and decorated again. Libraries' integrations add theirs.
+WRAPPING_DECORATORS: set[str] = set()
+
+
+def rewrapper(fn: Callable, inner: Callable) -> Callable[[Callable], Callable] | str:
+    """How to decorate a rewrite of ``inner`` the way ``fn`` decorates it (``fn`` wraps ``inner``
+    through ``__wrapped__``), or why that cannot be done (a string).
+
+    Each decorator expression of ``inner``'s ``def`` must name a :data:`WRAPPING_DECORATORS` entry; it
+    is evaluated again in ``inner``'s module, as the class body evaluated it."""
+    try:
+        funcdef = ast.parse(textwrap.dedent(inspect.getsource(inner))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return "it is wrapped by a decorator whose source is not available"
+    if not isinstance(funcdef, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return "it is wrapped by a decorator attnswap cannot read"
+    levels, wrapper = 0, fn
+    while wrapper is not inner and wrapper is not None:
+        levels, wrapper = levels + 1, getattr(wrapper, "__wrapped__", None)
+    if wrapper is None or levels != len(funcdef.decorator_list):
+        return "it is wrapped by a decorator that does not show in its source"
+    decorators = []
+    for expr in funcdef.decorator_list:
+        target = resolve(expr.func if isinstance(expr, ast.Call) else expr, inner, set())
+        label = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
+        if label not in WRAPPING_DECORATORS:
+            return f"it is wrapped by a decorator ({ast.unparse(expr)}); rewriting would drop it"
+        try:
+            decorators.append(eval(compile(ast.Expression(expr), inner.__code__.co_filename, "eval"), inner.__globals__))
+        except Exception as exc:  # evaluated again as the class body did; anything else: leave it alone
+            return f"its decorator {ast.unparse(expr)} could not be applied again ({exc})"
+
+    def decorate(rewritten: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            rewritten = decorator(rewritten)
+        return rewritten
+
+    return decorate
+
+
 def self_name(funcdef: ast.FunctionDef, *, is_method: bool) -> str | None:
     args = funcdef.args.posonlyargs + funcdef.args.args
     return args[0].arg if (is_method and args) else None
