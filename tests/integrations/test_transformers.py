@@ -268,3 +268,34 @@ def test_verify_inspect_and_auto_take_keyword_inputs():
     with torch.no_grad():
         assert _rel_err(model(**x).logits, ref) < 1e-5
     assert attnswap.stats(model).total_calls == 2
+
+
+def _roformer():
+    torch.manual_seed(0)
+    return transformers.RoFormerModel(transformers.RoFormerConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+    )).eval()
+
+
+def test_hand_written_attention_under_deprecate_kwarg_is_routed_and_unasked_weights_are_not_computed(sdpa_counter):
+    # RoFormerSelfAttention.forward is decorated with deprecate_kwarg and returns its probabilities
+    model, x = _roformer(), {k: v for k, v in MODELS["bert"][1]().items()}
+    site = model.encoder.layer[0].attention.self
+    cls, original = type(site), type(site).__dict__["forward"]
+    with torch.no_grad():
+        ref = model(**x)
+        ref_weights = model(**x, output_attentions=True).attentions
+    report = attnswap.patch(model, backend="sdpa")
+    assert [s.how for s in report.sites if s.status == PATCHED] == ["hand-written"] * 2
+    count = sdpa_counter()
+    with torch.no_grad(), count:
+        out = model(**x, cache=None)  # the decorator still renames past_key_values -> cache
+    stats = attnswap.stats(model)
+    assert stats.total_calls == count.calls == 2 and stats.unrouted_calls == 0 and count.softmax == 0, str(stats)
+    assert _rel_err(out.last_hidden_state, ref.last_hidden_state) < 1e-5
+    # asked for: the module's own code computes them (counted); the first layer's are the same numbers
+    with torch.no_grad():
+        weights = model(**x, output_attentions=True).attentions
+    assert attnswap.stats(model).unrouted_calls == 2 and torch.equal(weights[0], ref_weights[0])
+    attnswap.unpatch(model)
+    assert type(site) is cls and cls.__dict__["forward"] is original

@@ -407,3 +407,41 @@ def test_scores_passed_inside_a_list_settle_and_are_counted():
     ref, out, s = run_both(make(sinks), q, k, v, sink)
     assert torch.equal(out, ref)
     assert s.unrouted_calls == 1 and "scores passed to cat" in next(iter(s[0].unrouted))
+
+
+def _returns_weights(self, q, k, v, output_attentions=False):
+    attn = (q @ k.transpose(-2, -1) * 0.25).softmax(dim=-1)
+    return attn @ v, attn
+
+
+@pytest.fixture
+def weights_convention():
+    from attnswap.surgery import manual
+
+    captured = []
+    manual.RETURNED_WEIGHTS[__name__] = ("output_attentions", lambda: bool(captured))
+    yield captured
+    del manual.RETURNED_WEIGHTS[__name__]
+
+
+def test_returned_weights_follow_the_librarys_convention(weights_convention):
+    cls = type("ReturnsWeights", (Manual,), {"forward": _returns_weights, "__module__": __name__})
+    q, k, v = rand(2, 4, 6, 8), rand(2, 4, 6, 8), rand(2, 4, 6, 5)
+    m = cls(None)
+    ref_out, ref_attn = m(q, k, v)
+    attnswap.patch(m, backend="eager")
+    out, attn = m(q, k, v)  # not asked for, not captured: not computed
+    assert attn is None and attnswap.stats(m).unrouted_calls == 0
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    out, attn = m(q, k, v, output_attentions=True)  # asked for: the module's own code computes them, counted
+    assert torch.equal(attn, ref_attn) and attnswap.stats(m).unrouted_calls == 1
+    weights_convention.append(True)  # captured by the library
+    assert torch.equal(m(q, k, v)[1], ref_attn) and attnswap.stats(m).unrouted_calls == 2
+
+
+def test_without_a_convention_returned_weights_are_computed():
+    m = make(_returns_weights)(None)
+    q, k, v = rand(2, 4, 6, 8), rand(2, 4, 6, 8), rand(2, 4, 6, 5)
+    ref = m(q, k, v)[1]
+    attnswap.patch(m, backend="eager")
+    assert torch.equal(m(q, k, v)[1], ref) and attnswap.stats(m).unrouted_calls == 1

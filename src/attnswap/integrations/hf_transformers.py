@@ -140,6 +140,16 @@ def ensure_registered() -> None:
                 AttentionMaskInterface.register(key, mask)
 
 
+def _captured() -> bool:
+    """Whether the running model may be capturing attention weights (``output_attentions``)."""
+    return _weights_wanted({}) is not None
+
+
+# hand-written attention modules return their probabilities, and their callers use them only when
+# ``output_attentions`` is set (the argument, or the model's capture): otherwise None, as ``sdpa`` returns
+manual.RETURNED_WEIGHTS["transformers"] = ("output_attentions", _captured)
+
+
 # -- models configured for eager -----------------------------------------------------------------
 def _weights_wanted(kwargs: dict[str, Any]) -> str | None:
     """Why the caller may use the attention weights (so they must be computed), or None."""

@@ -26,6 +26,7 @@ calls are rewritten so the bias is computed from zeros and added.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import operator
 from typing import Any, Callable
@@ -34,7 +35,7 @@ import torch
 
 from ..routing import ROUTER_ATTR
 from .chains import FusedChain, fuse_chains
-from .scores import Lazy, additive, einsum_scores, scores_or_product
+from .scores import Lazy, Probs, additive, einsum_scores, scores_or_product
 from .source import Missing, compile_like, local_names, parse_method, resolve, self_name
 
 #: classes with softmax attention that one SDPA call cannot compute: left alone, with the reason
@@ -69,10 +70,18 @@ ADDITIVE: frozenset[str] = frozenset({
 #: fuse straight chains into one call (:mod:`.chains`); off, every chain runs symbolically (tests compare the two)
 FUSE_CHAINS = True
 
+#: a model library's convention for the attention weights a ``forward`` returns, by top-level package:
+#: (the parameter of ``forward`` that asks for them, a check of whether the library is capturing them
+#: anyway). Where ``forward`` has that parameter, it is false and nothing captures them, probabilities
+#: it would return are returned as None (what the library's fused implementations return) instead
+#: of being computed by the module's own code. Integrations add their library's.
+RETURNED_WEIGHTS: dict[str, tuple[str, Callable[[], bool]]] = {}
+
 MM_HELPER = "__attnswap_mm__"
 EINSUM_HELPER = "__attnswap_einsum__"
 ADDITIVE_HELPER = "__attnswap_additive__"
 SETTLE_HELPER = "__attnswap_settle__"
+WEIGHTS_HELPER = "__attnswap_weights__"
 
 
 def _mm(module: torch.nn.Module, a: Any, b: Any, bmm: bool = False, scores: bool = True) -> Any:
@@ -103,6 +112,18 @@ def _settle(value: Any) -> Any:
     if type(value) in (tuple, list) and any(isinstance(v, Lazy) for v in value):
         return type(value)(_settle(v) for v in value)
     return value
+
+
+def _unasked(value: Any) -> Any:
+    if isinstance(value, Probs) and value.sym is not None and value._value is None:
+        return None  # weights nobody asked for
+    if type(value) in (tuple, list):
+        return type(value)(_unasked(v) for v in value)
+    return _settle(value)
+
+
+def _weights(captured: Callable[[], bool], value: Any, asked: Any) -> Any:
+    return _settle(value) if asked or captured() else _unasked(value)
 
 
 HELPERS: dict[str, Any] = {MM_HELPER: _mm, EINSUM_HELPER: _einsum, ADDITIVE_HELPER: _additive, SETTLE_HELPER: _settle}
@@ -274,10 +295,11 @@ class _Products:
 
 
 class _Rewriter(ast.NodeTransformer):
-    def __init__(self, products: _Products, rewrite: set[int], is_forward: bool) -> None:
+    def __init__(self, products: _Products, rewrite: set[int], is_forward: bool, weights_flag: str | None = None) -> None:
         self.p = products
         self.rewrite = rewrite
         self.is_forward = is_forward
+        self.weights_flag = weights_flag
         self.count = 0
         self.additive = 0
         self._depth = 0
@@ -298,9 +320,14 @@ class _Rewriter(ast.NodeTransformer):
     def visit_Return(self, node: ast.Return) -> ast.AST:
         self.generic_visit(node)
         if self.is_forward and self._depth == 1 and node.value is not None:
-            node.value = ast.copy_location(
-                ast.Call(func=ast.Name(id=SETTLE_HELPER, ctx=ast.Load()), args=[node.value], keywords=[]), node.value
-            )
+            if self.weights_flag is not None:
+                call = ast.Call(
+                    func=ast.Name(id=WEIGHTS_HELPER, ctx=ast.Load()),
+                    args=[node.value, ast.Name(id=self.weights_flag, ctx=ast.Load())], keywords=[],
+                )
+            else:
+                call = ast.Call(func=ast.Name(id=SETTLE_HELPER, ctx=ast.Load()), args=[node.value], keywords=[])
+            node.value = ast.copy_location(call, node.value)
         return node
 
     def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
@@ -374,13 +401,19 @@ def rewrite_manual(
     ``lazy_methods``: methods of the class rewritten so, whose results may be symbolic; a product
     ``fn`` computes from them (ConViT's ``get_attention(x) @ v``) is rewritten too. ``name``: the
     attribute the class holds ``fn`` under (``fn.__name__`` by default); a ``forward`` settles
-    what it returns."""
+    what it returns (or drops unasked weights, see :data:`RETURNED_WEIGHTS`)."""
     funcdef = parse_method(fn, is_method=is_method)
     self_arg = self_name(funcdef, is_method=is_method)
     cells = dict(HELPERS)
+    is_forward = (name or fn.__name__) == "forward"
+    weights_flag = None
+    convention = RETURNED_WEIGHTS.get(getattr(fn, "__module__", "").partition(".")[0])
+    if is_forward and convention is not None and convention[0] in local_names(funcdef.args):
+        weights_flag = convention[0]
+        cells[WEIGHTS_HELPER] = functools.partial(_weights, convention[1])
     found = defer_products(
-        fn, funcdef, self_arg, settle_returns=(name or fn.__name__) == "forward", lazy_methods=lazy_methods,
-        cells=cells,
+        fn, funcdef, self_arg, settle_returns=is_forward, lazy_methods=lazy_methods, cells=cells,
+        weights_flag=weights_flag,
     )
     if found is None or isinstance(found, str):
         return found
@@ -389,7 +422,7 @@ def rewrite_manual(
 
 def defer_products(
     fn: Callable, funcdef: ast.FunctionDef, self_arg: str | None, *, settle_returns: bool,
-    lazy_methods: frozenset[str] = frozenset(), cells: dict[str, Any] | None = None,
+    lazy_methods: frozenset[str] = frozenset(), cells: dict[str, Any] | None = None, weights_flag: str | None = None,
 ) -> int | str | None:
     """Rewrites ``funcdef`` (``fn``'s own tree) in place: its softmax-feeding products and the
     products consuming them call the helpers in :data:`HELPERS` with ``self_arg`` (the module);
@@ -409,6 +442,6 @@ def defer_products(
     fused = fuse_chains(products, funcdef, self_arg) if FUSE_CHAINS else {}
     if cells is not None:
         cells.update(fused)
-    rewriter = _Rewriter(products, rewrite, is_forward=settle_returns)
+    rewriter = _Rewriter(products, rewrite, is_forward=settle_returns, weights_flag=weights_flag)
     rewriter.visit(funcdef)
     return rewriter.count + sum(isinstance(c, FusedChain) for c in fused.values())
