@@ -445,3 +445,18 @@ def test_without_a_convention_returned_weights_are_computed():
     ref = m(q, k, v)[1]
     attnswap.patch(m, backend="eager")
     assert torch.equal(m(q, k, v)[1], ref) and attnswap.stats(m).unrouted_calls == 1
+
+
+def _t5_style(self, q, k, v, bias):  # softmax(scores.float()).type_as(scores), then .type(v.dtype)
+    scores = torch.matmul(q, k.transpose(3, 2))
+    scores += bias
+    attn = F.softmax(scores.float(), dim=-1).type_as(scores)
+    attn = F.dropout(attn, p=0.0, training=self.training).type(v.dtype)
+    return torch.matmul(attn, v)
+
+
+def test_t5_style_casts_of_float32_scores_are_one_routed_call():
+    q, k, v = (rand(2, 4, 6, 8, dtype=torch.float32) for _ in range(3))
+    ref, out, s = run_both(make(_t5_style), q, k, v, rand(1, 4, 6, 6, dtype=torch.float32), backend="sdpa_math")
+    assert s.total_calls == 1 and s.unrouted_calls == 0, str(s)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

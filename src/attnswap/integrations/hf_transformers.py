@@ -62,6 +62,12 @@ from .holders import Holders
 # the hand-written attention methods it decorates (BigBird, XLM, MPT, RoFormer, ...) are rewritten
 # underneath it and decorated again
 WRAPPING_DECORATORS.add("transformers.utils.deprecation.deprecate_kwarg")
+# fill arguments from the config (use_cache, is_causal, return_dict) or collect hooked outputs around the call
+WRAPPING_DECORATORS.update({
+    "transformers.utils.generic.merge_with_config_defaults",
+    "transformers.utils.generic.can_return_tuple",
+    "transformers.utils.output_capturing.capture_outputs",
+})
 
 #: the implementation name attnswap registers for models configured for ``sdpa`` (in both interfaces)
 KEY = "attnswap"

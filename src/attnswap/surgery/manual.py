@@ -202,6 +202,8 @@ class _Products:
                 return node.args[0] if "softmax" in func.attr.lower() and node.args else None
             if func.attr == "softmax":
                 return func.value
+        if isinstance(func, ast.Call) and self._resolved(func.func) is torch.nn.Softmax and node.args:
+            return node.args[0]  # nn.Softmax(dim=-1)(attn), made at the call (BLIP's text encoder)
         return None
 
     def sources(self, expr: ast.AST) -> frozenset[int]:

@@ -213,7 +213,10 @@ def _analyze(cls: type) -> ClassRewrite | None:
     softmax_methods: list[tuple[str, Any, Callable]] = []
     #: method name -> how to decorate its rewrite as the class decorates it
     redecorate: dict[str, Callable[[Callable], Callable]] = {}
+    #: the class's methods, each under the decorators attnswap can apply again
+    own: list[tuple[str, Any, Callable]] = []
     for name, attr, fn in _methods(cls):
+        own.append((name, attr, fn))
         inner = fn
         while inner is not None:  # look through decorators that wrap (functools.wraps)
             mentions = frozenset({_SDPA_NAME}) | _sdpa_aliases(inner.__globals__)
@@ -223,6 +226,7 @@ def _analyze(cls: type) -> ClassRewrite | None:
                     if isinstance(again, str):
                         return ClassRewrite(cls, problem=f"{cls.__qualname__}.{name}: {again}")
                     redecorate[name] = again
+                    own[-1] = (name, attr, inner)
                 if _code_mentions(inner.__code__, mentions):
                     sdpa_methods.append((name, attr, inner))
                 else:
@@ -262,7 +266,7 @@ def _analyze(cls: type) -> ClassRewrite | None:
     if products:
         # methods computing with what those return (ConViT: get_attention(x) @ v)
         lazy_methods = frozenset(methods)
-        for name, attr, fn in _methods(cls):
+        for name, attr, fn in own:
             if name in methods or not lazy_methods.intersection(fn.__code__.co_names):
                 continue
             try:
@@ -274,7 +278,7 @@ def _analyze(cls: type) -> ClassRewrite | None:
             if found_manual is not None and not isinstance(found_manual, str):
                 methods[name] = found_manual[0]
     followed: list[str] = []
-    for name, attr, fn in _methods(cls):
+    for name, attr, fn in own:
         # a method that calls a module-level helper computing attention (torchvision's Swin)
         if name in methods or not helpers.calls_helpers(fn):
             continue
@@ -294,7 +298,7 @@ def _analyze(cls: type) -> ClassRewrite | None:
                 structures.extend(k for k in copy.structures if k not in structures)
                 followed.extend(n for n in copy.names if n not in followed)
     builders = builder_names()
-    for name, attr, fn in _methods(cls):
+    for name, attr, fn in own:
         if name in methods or not _code_mentions(fn.__code__, builders):
             continue
         try:

@@ -406,6 +406,13 @@ class Scores(Lazy):
 
     __slots__ = ()
 
+    def float(self):
+        """``scores.float()`` of float32 scores is the scores themselves (T5-style ``softmax(scores.float())``)."""
+        sym: _ScoresSym | None = self.sym
+        if sym is not None and self._value is None and sym.dtype == torch.float32:
+            return self
+        return self._fallback(_Tensor.float, (self,), None, "scores cast to float32")
+
     @property
     def shape(self) -> torch.Size:
         return self.settle().shape if self.sym is None else torch.Size(self.sym.current_shape)
@@ -622,6 +629,18 @@ class Probs(Lazy):
                     _Tensor.to, (self, dtype), None, _ProbsSym(sym.scores, sym.dropout_p, sym.transposed, dtype)
                 )
         return self._fallback(_Tensor.to, (self, *args), kwargs, "probabilities cast to another dtype or device")
+
+    def type(self, dtype=None, **kwargs):
+        if isinstance(dtype, torch.dtype) and not kwargs:
+            return self.to(dtype)
+        args = (self,) if dtype is None else (self, dtype)
+        return self._fallback(_Tensor.type, args, kwargs, "probabilities cast to another dtype or device")
+
+    def type_as(self, other):
+        dtype = getattr(other, "dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return self.to(dtype)
+        return self._fallback(_Tensor.type_as, (self, other), None, "probabilities cast to another dtype or device")
 
     def _dropout(self, func, args, kwargs, p, training):
         sym: _ProbsSym = self.sym

@@ -42,7 +42,12 @@ def parse_method(fn: Callable, *, is_method: bool) -> ast.FunctionDef:
 #: decorators that only wrap (``functools.wraps``, nothing registered or changed when applied), by
 #: ``module.qualname`` of the decorator or of the factory that makes it: a method decorated only with
 #: these is rewritten underneath and decorated again. Libraries' integrations add theirs.
-WRAPPING_DECORATORS: set[str] = set()
+WRAPPING_DECORATORS: set[str] = {
+    # PyTorch's grad-mode context managers, used as decorators
+    "torch.autograd.grad_mode.no_grad",
+    "torch.autograd.grad_mode.enable_grad",
+    "torch.autograd.grad_mode.inference_mode",
+}
 
 
 def rewrapper(fn: Callable, inner: Callable) -> Callable[[Callable], Callable] | str:

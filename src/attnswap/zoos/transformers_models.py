@@ -54,6 +54,9 @@ def _shrink(config: Any) -> Any:
     for key, value in TINY.items():
         if hasattr(config, key) and not isinstance(getattr(config, key), (list, dict)):
             _set(config, key, value)
+    if hasattr(config, "_experts_implementation_internal"):
+        # the grouped-matmul experts kernel needs 16-byte strides, which tiny widths do not have on a CPU
+        _set(config, "_experts_implementation_internal", "eager")
     # special tokens of the full vocabulary would not fit the small one
     for key, value in list(vars(config).items()):
         if key.endswith("_token_id") and isinstance(value, int) and value >= _VOCAB:
