@@ -5,7 +5,10 @@ transformers: the library's ``sdpa`` implementation (``sdpa_attention_forward``,
 ``ALL_ATTENTION_FUNCTIONS`` dispatches to) against a direct SDPA call: that difference is the
 library's own dispatch. attnswap's registered implementation (the same function with its SDPA
 call going to the module's router, backend ``sdpa``) against the library's: that difference is
-attnswap's. diffusers: ``dispatch_attention_fn`` (native backend) against the SDPA call it makes
+attnswap's. transformers models configured for ``eager`` (``tf eager``): the model file's eager
+function against attnswap's ``"attnswap_eager"`` (the same function, its scores deferred to the
+router): there attnswap replaces the computation, so the row shows what a call costs either way,
+at a small shape and at 1,024 tokens (64-dim heads), where the ``SDPA`` column is the call it becomes. diffusers: ``dispatch_attention_fn`` (native backend) against the SDPA call it makes
 (with its permutes), and attnswap's ``routed_dispatch`` against ``dispatch_attention_fn``.
 Small shapes, so that the per-call overheads are not hidden by the arithmetic.
 
@@ -67,6 +70,35 @@ def transformers_case(rounds: int, calls: int) -> dict[str, float]:
         }, rounds, calls)
 
 
+def transformers_eager_case(rounds: int, calls: int, length: int = 16, head_dim: int = 8) -> dict[str, float]:
+    """A model configured for ``eager`` (Gemma 2, no soft-capping): the model file's eager function
+    (what the library calls) against attnswap's ``"attnswap_eager"`` implementation (the same function,
+    its scores deferred to the router, backend ``sdpa``); ``sdpa``: the one call it becomes."""
+    import transformers
+    from transformers.models.gemma2 import modeling_gemma2
+
+    from attnswap.integrations import hf_transformers
+
+    model = transformers.Gemma2Model(transformers.Gemma2Config(
+        vocab_size=99, hidden_size=4 * head_dim, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+        head_dim=head_dim, intermediate_size=37, attn_logit_softcapping=None, query_pre_attn_scalar=head_dim,
+    )).eval()
+    attention = model.layers[0].self_attn
+    attnswap.patch(model, backend="sdpa")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, length, head_dim, generator=g) for _ in range(3))
+    mask = torch.zeros(1, 1, length, length).masked_fill(
+        torch.ones(length, length, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min
+    )  # what eager's mask function builds for a causal call
+    scale = attention.scaling
+    with torch.no_grad():
+        return _measure({
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale),
+            "library": lambda: modeling_gemma2.eager_attention_forward(attention, q, k, v, mask, scaling=scale),
+            "attnswap": lambda: hf_transformers.eager_forward(attention, q, k, v, mask, scaling=scale),
+        }, rounds, calls)
+
+
 def diffusers_case(rounds: int, calls: int) -> dict[str, float]:
     import diffusers
     from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -101,7 +133,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
-    for library, case in (("transformers", transformers_case), ("diffusers", diffusers_case)):
+    cases = (
+        ("transformers", transformers_case), ("diffusers", diffusers_case),
+        ("tf eager", transformers_eager_case),
+        ("tf eager 1k", lambda r, c: transformers_eager_case(r, max(1, c // 100), length=1024, head_dim=64)),
+    )
+    for library, case in cases:
         t = case(args.rounds, args.calls)
         rows.append({
             "library": library, "sdpa_us": t["sdpa"], "library_us": t["library"], "attnswap_us": t["attnswap"],
