@@ -165,3 +165,19 @@ def test_compiled_fullgraph_routes_and_matches_eager():
     with torch.no_grad():
         out = compiled(**x).logits
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pickled_patched_eager_model_still_routes_and_unpatches_to_eager():
+    import pickle
+
+    model, x = build("splinter")
+    attnswap.patch(model, backend="sdpa_math")
+    with torch.no_grad():
+        ref = model(**x).last_hidden_state
+    loaded = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).last_hidden_state, ref)
+    assert attnswap.stats(loaded).total_calls == 2 + 2  # the counts travel with the model
+    attnswap.unpatch(loaded)
+    assert _implementations(loaded) == {"eager"}
+    assert _implementations(model) == {hf_transformers.EAGER_KEY}  # the original is still patched
