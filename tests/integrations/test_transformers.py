@@ -299,3 +299,22 @@ def test_hand_written_attention_under_deprecate_kwarg_is_routed_and_unasked_weig
     assert attnswap.stats(model).unrouted_calls == 2 and torch.equal(weights[0], ref_weights[0])
     attnswap.unpatch(model)
     assert type(site) is cls and cls.__dict__["forward"] is original
+
+
+def test_a_lookup_by_name_taken_only_under_flash_attn_is_not_refused():
+    class FlashFallback(torch.nn.Module):  # SAM2, SAM3, EdgeTAM: float masks go to sdpa when flash-attn is configured
+        def forward(self, q, similarity=None):
+            interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)  # noqa: F821
+            if is_flash_attention_requested(self.config) and similarity is not None:  # noqa: F821
+                interface = ALL_ATTENTION_FUNCTIONS["sdpa"]  # noqa: F821
+            return interface(self, q, q, q, None)
+
+    FlashFallback.__module__ = "transformers.models.fake.modeling_fake"
+    assert hf_transformers._by_name(hf_transformers._interface_methods(FlashFallback)) is None
+
+
+def test_sam2s_vision_and_mask_decoder_attention_are_routed():
+    from attnswap import coverage
+
+    result = coverage.sweep_one("sam2", zoo="transformers", numerics=False)
+    assert result.fully_routed and not result.not_routable, result

@@ -266,15 +266,38 @@ def _interface_methods(cls: type) -> list[Callable]:
     return found
 
 
+def _flash_only(test: ast.expr) -> bool:
+    """Whether an ``if`` test holds only when flash-attn is the configured implementation
+    (``is_flash_attention_requested(config) and ...``): never under ``sdpa``, ``eager`` or attnswap's keys."""
+    first = test.values[0] if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And) else test
+    return (
+        isinstance(first, ast.Call) and isinstance(first.func, (ast.Name, ast.Attribute))
+        and (first.func.id if isinstance(first.func, ast.Name) else first.func.attr) == "is_flash_attention_requested"
+    )
+
+
+def _reachable(tree: ast.AST):
+    """The nodes of ``tree`` outside branches taken only under flash-attn (SAM2's fallback to
+    ``ALL_ATTENTION_FUNCTIONS["sdpa"]`` for calls flash-attn cannot take)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, ast.If) and _flash_only(node.test):
+            stack.extend([node.test, *node.orelse])
+        else:
+            stack.extend(ast.iter_child_nodes(node))
+
+
 def _by_name(methods: list[Callable]) -> str | None:
     """A lookup of one implementation by its name (``ALL_ATTENTION_FUNCTIONS["sdpa"]``), which
-    bypasses the config."""
+    bypasses the config, where it can run under the names attnswap switches between."""
     for fn in methods:
         try:
             tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(fn)))
         except (OSError, TypeError, SyntaxError):
             return f"the source of {fn.__qualname__} is not available to check how it picks its attention"
-        for node in ast.walk(tree):
+        for node in _reachable(tree):
             if (
                 isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)
                 and node.value.id == "ALL_ATTENTION_FUNCTIONS" and isinstance(node.slice, ast.Constant)
