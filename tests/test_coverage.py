@@ -120,6 +120,36 @@ def test_transformers_sweep_routes_through_the_interface_and_checks_it(name):
     assert r.calls == r.routed  # one call per attention module, none escaped (the probe counts SDPA calls in sites)
 
 
+@pytest.mark.parametrize("name", ["clip", "deepseek_v3", "qwen2_vl_text"])
+def test_transformers_sweep_builds_inputs_and_sizes_for_dual_encoders_latent_and_multimodal_rotary(name):
+    # CLIP runs on text and images together; DeepSeek-V3's latent attention and Qwen2-VL's three-section
+    # rotary embedding need sizes consistent with the small head
+    pytest.importorskip("transformers")
+    r = coverage.sweep_one(name, zoo="transformers")
+    assert r.fully_routed and r.checked and r.ok and r.calls == r.routed, r
+
+
+def test_transformers_sweep_does_not_count_the_calls_of_a_site_reported_not_routable_as_escaped():
+    # Mistral-Large-4 compares _attn_implementation with "sdpa": those sites are reported and keep SDPA
+    pytest.importorskip("transformers")
+    r = coverage.sweep_one("mistral_large4", zoo="transformers")
+    assert r.not_routable and r.routed and r.checked and r.matches and r.escaped == 0, r
+
+
+def test_probe_counts_an_sdpa_call_outside_every_site_as_escaped_unless_its_module_was_reported():
+    class Attend(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+    module, x = Attend(), torch.randn(1, 2, 4, 8)
+    for reported, escaped in ((frozenset(), 1), (frozenset({id(module)}), 0)):
+        probe = coverage._Attribution(reported)
+        probe.stack.append(module)
+        with probe:
+            module(x)
+        assert probe.escaped == escaped and probe.sdpa_in_sites == 0
+
+
 def test_transformers_sweep_checks_a_model_on_eager_and_counts_its_soft_capping():
     pytest.importorskip("transformers")
     r = coverage.sweep_one("gemma2", zoo="transformers")

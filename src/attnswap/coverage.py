@@ -8,7 +8,8 @@ for real, run one small forward unpatched and one patched with ``sdpa``, and che
 - the relative error of every output (``max |patched - unpatched| / max |unpatched|``);
 - that no attention escaped: a ``TorchFunctionMode`` attributes every softmax and SDPA call
   to the module running it, and a softmax inside a patched site, or an SDPA call outside
-  one, is counted as escaped;
+  one (and outside the sites the patch report names as not routable or left alone, whose
+  calls it already accounts for), is counted as escaped;
 - that no hand-written attention fell back to the module's own code (router counters).
 
 ``attnswap coverage`` runs it and writes ``COVERAGE.md``.
@@ -93,9 +94,11 @@ _ROUTE_CODE = Router.route.__code__
 class _Attribution(TorchFunctionMode):
     """Counts softmax/SDPA calls by whether the innermost running module is a patched site."""
 
-    def __init__(self) -> None:
+    def __init__(self, reported: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.stack: list[torch.nn.Module] = []
+        #: ids of the modules patch() reported as not routable or left alone: their calls are accounted for
+        self.reported = reported
         self.escaped = 0
         #: SDPA calls made inside patched sites: one per routed call unless a call got past its router
         self.sdpa_in_sites = 0
@@ -137,7 +140,7 @@ class _Attribution(TorchFunctionMode):
         elif func is F.scaled_dot_product_attention and not self._inside_router():
             if self._in_site():
                 self.sdpa_in_sites += 1  # a site's SDPA call that got past its router
-            else:
+            elif not any(id(m) in self.reported for m in self.stack):
                 self.escaped += 1
         return func(*args, **(kwargs or {}))
 
@@ -230,8 +233,10 @@ def _check(zoo: Zoo, name: str, result: ModelCoverage, seed: int = 0) -> None:
     model = ungate(zoo.build(name)).eval()
     x = zoo.example(model, name)
     ref = _outputs(zoo, model, x)
-    patch(model, backend="sdpa")
-    probe = _Attribution()
+    report = patch(model, backend="sdpa")
+    probe = _Attribution(frozenset(
+        id(model.get_submodule(site.path)) for site in report.sites if site.status in (NOT_ROUTABLE, MANUAL)
+    ))
     def enter(module, args):
         probe.stack.append(module)
 
@@ -360,7 +365,8 @@ def markdown(
         f"gate (zero-init norms, 1e-5 layer scales) set around 1 so each attention site shows in the output "
         f"(`attnswap.models.ungate`): relative error `max|Δ| / max|ref|` must be "
         f"< {TOLERANCE:g} (float32; above it, the model is rechecked in float64, which must agree to "
-        f"{TOLERANCE_F64:g}); a softmax inside a routed site or an SDPA call outside one is *escaped*; "
+        f"{TOLERANCE_F64:g}); a softmax inside a routed site or an SDPA call outside one (and outside the sites "
+        f"reported as not routable or left alone) is *escaped*; "
         f"a hand-written attention the module had to compute itself is *unrouted*.",
         "",
         "## Totals",

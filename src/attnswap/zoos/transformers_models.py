@@ -28,7 +28,10 @@ TINY: dict[str, Any] = {
     "image_size": 32, "patch_size": 8, "num_mel_bins": 8, "max_source_positions": 16,
     # mixture-of-experts and latent-attention sizes
     "moe_intermediate_size": 16, "num_experts": 4, "num_local_experts": 4, "num_experts_per_tok": 2,
-    "first_k_dense_replace": 0, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8,
+    "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1,
+    "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8,
+    # the rotated part of each head (GPT-J, CodeGen) and video clips
+    "rotary_dim": 4, "num_frames": 2, "projection_size": 32,
 }
 _SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "encoder_config", "decoder_config")
 _VOCAB = 99
@@ -46,7 +49,7 @@ def model_names(patterns: Sequence[str] = ()) -> list[str]:
 def _set(config: Any, key: str, value: Any) -> None:
     try:
         setattr(config, key, value)
-    except (AttributeError, TypeError, ValueError):  # a read-only or validated attribute: keep it
+    except Exception:  # a read-only or validated attribute (strict dataclass fields among them): keep it
         pass
 
 
@@ -54,6 +57,23 @@ def _shrink(config: Any) -> Any:
     for key, value in TINY.items():
         if hasattr(config, key) and not isinstance(getattr(config, key), (list, dict)):
             _set(config, key, value)
+    if hasattr(config, "kv_lora_rank"):
+        # latent attention (DeepSeek-V2/V3 and their kin): every head has its own keys, and the
+        # rotary embedding is sized by head_dim
+        _set(config, "num_key_value_heads", config.num_attention_heads)
+        if hasattr(config, "qk_rope_head_dim") and hasattr(config, "head_dim"):
+            _set(config, "head_dim", config.qk_rope_head_dim)
+        if hasattr(config, "qk_head_dim") and hasattr(config, "qk_nope_head_dim"):  # derived when built
+            _set(config, "qk_head_dim", config.qk_nope_head_dim + config.qk_rope_head_dim)
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        # multimodal rotary embeddings (Qwen2-VL, GLM-4V) split the rotated half-head in three
+        # sections, by default sized for a 128-wide head; other models ignore the key
+        heads = getattr(config, "num_attention_heads", 0)
+        head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
+        half = int(head_dim * rope.get("partial_rotary_factor", 1.0)) // 2
+        if half and "mrope_section" not in rope:
+            rope["mrope_section"] = [half - 2 * (half // 3), half // 3, half // 3]
     if hasattr(config, "_experts_implementation_internal"):
         # the grouped-matmul experts kernel needs 16-byte strides, which tiny widths do not have on a CPU
         _set(config, "_experts_implementation_internal", "eager")
@@ -66,14 +86,25 @@ def _shrink(config: Any) -> Any:
     return config
 
 
+def _shrink_all(config: Any) -> None:
+    """``config`` and its text, vision, audio, encoder and decoder configs, at any depth (a dual
+    encoder's vision config can be a whole CLIP config with its own vision config). Backbone
+    configs keep their sizes: their stages are sized together, in lists."""
+    _shrink(config)
+    for sub in _SUB_CONFIGS:
+        try:
+            inner = getattr(config, sub, None)
+        except Exception:  # a property that builds the sub-config and validates it against the shrunk sizes
+            continue
+        if inner is not None and inner is not config and hasattr(inner, "to_dict"):
+            _shrink_all(inner)
+
+
 def config_for(name: str) -> Any:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    config = _shrink(CONFIG_MAPPING[name]())
-    for sub in _SUB_CONFIGS:
-        inner = getattr(config, sub, None)
-        if inner is not None and hasattr(inner, "to_dict"):
-            _shrink(inner)
+    config = CONFIG_MAPPING[name]()
+    _shrink_all(config)
     return config
 
 
@@ -86,10 +117,36 @@ def build(name: str, *, meta: bool = False) -> torch.nn.Module:
     return AutoModel.from_config(config_for(name))
 
 
+def _pixels(config: Any, g: torch.Generator, batch: int = 2) -> torch.Tensor:
+    """Images at the config's size, or clips of ``num_frames`` images where it has them (video models)."""
+    size = getattr(config, "image_size", 32)
+    size = size if isinstance(size, int) else size[0]
+    channels = getattr(config, "num_channels", 3)
+    frames = getattr(config, "num_frames", None)
+    shape = (batch, frames, channels, size, size) if isinstance(frames, int) else (batch, channels, size, size)
+    return torch.randn(shape, generator=g)
+
+
+def _first_that_runs(model: torch.nn.Module, candidates: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The first input set the unpatched model runs on (the last one whatever happens, so its
+    error is the one the sweep reports): dual encoders need text and images, while a
+    vision-language model given images without image tokens refuses them."""
+    for x in candidates[:-1]:
+        try:
+            torch.manual_seed(0)
+            with torch.no_grad():
+                model(**x)
+            return x
+        except Exception:
+            continue
+    return candidates[-1]
+
+
 def example(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     main = getattr(model, "main_input_name", "input_ids")
     params = inspect.signature(model.forward).parameters
+    config = model.config
     if main == "input_ids":
         ids = torch.randint(3, _VOCAB, (2, 8), generator=g)
         x = {"input_ids": ids}
@@ -99,14 +156,13 @@ def example(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
             x["attention_mask"] = mask
         if "decoder_input_ids" in params:
             x["decoder_input_ids"] = torch.randint(3, _VOCAB, (2, 5), generator=g)
+        if "pixel_values" in params:  # text and images (CLIP, SigLIP, OWL-ViT, ViLT, ...), else text alone
+            vision = getattr(config, "vision_config", None) or config
+            return _first_that_runs(model, [{**x, "pixel_values": _pixels(vision, g)}, x])
         return x
     if main == "pixel_values":
-        config = model.config
-        size = getattr(config, "image_size", 32)
-        size = size if isinstance(size, int) else size[0]
-        return {"pixel_values": torch.randn(2, getattr(config, "num_channels", 3), size, size, generator=g)}
+        return {"pixel_values": _pixels(config, g)}
     if main == "input_features":  # log-mel frames, as many as the encoder's positions take
-        config = model.config
         frames = 2 * getattr(config, "max_source_positions", 16)
         x = {"input_features": torch.randn(2, getattr(config, "num_mel_bins", 8), frames, generator=g)}
         if "decoder_input_ids" in params:
