@@ -33,6 +33,8 @@ TINY: dict[str, Any] = {
     # the rotated part of each head (GPT-J, CodeGen) and video clips
     "rotary_dim": 4, "num_frames": 2, "projection_size": 32,
 }
+#: hierarchical models (Swin, CvT, DiNAT) size each stage in a list: one block per stage, heads doubling to 8
+_STAGES = {"depths": lambda n: [1] * n, "num_heads": lambda n: [2 ** min(i, 3) for i in range(n)]}
 _SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "encoder_config", "decoder_config")
 _VOCAB = 99
 
@@ -47,16 +49,29 @@ def model_names(patterns: Sequence[str] = ()) -> list[str]:
 
 
 def _set(config: Any, key: str, value: Any) -> None:
+    before = getattr(config, key, None)
     try:
         setattr(config, key, value)
-    except Exception:  # a read-only or validated attribute (strict dataclass fields among them): keep it
-        pass
+    except Exception:  # a read-only or validated attribute: keep it (a strict field may be set before it is validated)
+        try:
+            object.__setattr__(config, key, before)
+        except Exception:
+            pass
 
 
 def _shrink(config: Any) -> Any:
     for key, value in TINY.items():
-        if hasattr(config, key) and not isinstance(getattr(config, key), (list, dict)):
+        if hasattr(config, key) and not isinstance(getattr(config, key), (list, tuple, dict)):
             _set(config, key, value)
+    for key, per_stage in _STAGES.items():
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)) and value and all(type(v) is int for v in value):
+            _set(config, key, type(value)(per_stage(len(value))))
+    depths, window, patch = (getattr(config, k, None) for k in ("depths", "window_size", "patch_size"))
+    if isinstance(depths, (list, tuple)) and type(window) is int and type(patch) is int:
+        # windowed stages (Swin): 2x2 windows, and an image whose last stage is one window
+        _set(config, "window_size", 2)
+        _set(config, "image_size", patch * 2 * 2 ** (len(depths) - 1))
     if hasattr(config, "kv_lora_rank"):
         # latent attention (DeepSeek-V2/V3 and their kin): every head has its own keys, and the
         # rotary embedding is sized by head_dim
