@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import attnswap
-from attnswap.coverage import _flat, relative_error
+from attnswap.coverage import _alarm, _as_double, _flat, relative_error
 from attnswap.models import ungate
 from attnswap.report import PATCHED
 from attnswap.zoos import transformers_models as zoo
@@ -70,7 +70,8 @@ class Parity:
     def ok(self) -> bool:
         return (
             not self.error and self.f32 is not None and self._f32_ok
-            and (self._f64_ok if self.f64 is not None else bool(self.f64_skipped)) and self.generate not in ("DIFFERENT",) and self.compiled not in ("MISMATCH", "FAILS")
+            and (self._f64_ok if self.f64 is not None else bool(self.f64_skipped))
+            and self.generate != "DIFFERENT" and self.compiled not in ("MISMATCH", "FAILS")
         )
 
 
@@ -80,16 +81,12 @@ def _run(model: torch.nn.Module, x: dict) -> list[torch.Tensor]:
         return _flat(model(**x))
 
 
-def _double(x: dict) -> dict:
-    return {k: v.double() if v.is_floating_point() else v for k, v in x.items()}
-
-
 def _model(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(0)
     model = ungate(zoo.build(name)).eval()
     x = zoo.example(model, name)  # chosen in float32: the sweep's example runs the model to choose
     if dtype == torch.float64:
-        model, x = model.double(), _double(x)
+        model, x = model.double(), _as_double(x)
     return model, x
 
 
@@ -165,11 +162,12 @@ def _generate(p: Parity, name: str) -> None:
         mask[0, :3] = 0  # left padding: the new tokens follow the prompt in both rows
     else:
         mask[0, -3:] = 0
-    start = {"decoder_start_token_id": 1} if model.config.is_encoder_decoder else {}
-    kwargs = dict(**start,
-        input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1,
-        pad_token_id=0, min_new_tokens=NEW_TOKENS,
+    kwargs = dict(
+        input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+        num_beams=1, pad_token_id=0,
     )
+    if model.config.is_encoder_decoder:
+        kwargs["decoder_start_token_id"] = 1
     with torch.no_grad():
         ref = model.generate(**kwargs)
         attnswap.patch(model, backend="sdpa")
@@ -197,18 +195,9 @@ def _compile(p: Parity, name: str) -> None:
     p.compiled = "match" if relative_error(out, ref) < FLOAT32 else "MISMATCH"
 
 
-class _Timeout(Exception):
-    pass
-
-
-def _on_alarm(signum, frame):
-    raise _Timeout("timed out")
-
-
 def check(name: str, *, compile_: bool = False, max_params_m: float = 30.0, timeout_s: int = 300) -> Parity:
     p = Parity(name)
-    signal.signal(signal.SIGALRM, _on_alarm)
-    signal.alarm(timeout_s)
+    _alarm(timeout_s)  # the sweep's: a model that hangs raises, and is reported like any error
     try:
         meta = zoo.build(name, meta=True)
         params = sum(t.numel() for t in meta.parameters()) / 1e6

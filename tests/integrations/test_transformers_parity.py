@@ -38,3 +38,12 @@ def test_parity_reports_generated_tokens_that_differ(monkeypatch):
     p = transformers_parity.Parity("llama")
     transformers_parity._generate(p, "llama")
     assert p.generate == "DIFFERENT"
+
+
+def test_an_error_above_the_target_passes_only_within_what_one_ulp_at_the_sites_does():
+    import transformers_parity as tp
+
+    base = dict(name="m", calls=2, f64=0.0, generate="same", compiled="not asked")
+    assert not tp.Parity(f32=7e-5, **base).ok  # above 1e-5, nothing to explain it
+    assert tp.Parity(f32=7e-5, f32_ulp=1.1e-4, **base).ok  # the model moves more than that under one ulp
+    assert not tp.Parity(f32=7e-4, f32_ulp=1.1e-4, **base).ok  # beyond ULP_MARGIN times it
